@@ -1,0 +1,139 @@
+"""Backend selection for the fused ops: which of torch / triton / ext can run on a device, and which to use.
+
+``torch`` is the plain PyTorch implementation and always works. ``triton`` uses the kernels in the top-level
+``kernels`` package (one module per op in :data:`FUSED_OPS`), ``ext`` the ops that ``askd._C`` registers in
+``torch.ops.askd``. A backend counts as available once it implements every op in :data:`FUSED_OPS` for the
+device type, so adding kernels needs no change here. ``auto`` picks the first available backend in
+:data:`AUTO_ORDER` and always ends at ``torch``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("torch", "triton", "ext", "auto")
+FUSED_OPS = ("cbam", "attention_distill")
+ENV_VAR = "ASKD_BACKEND"
+# fastest first; torch last so auto never fails
+AUTO_ORDER = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "triton", "torch")}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run on the given device."""
+
+
+def _validate(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} from {source}; valid backends: {', '.join(BACKENDS)}")
+    return name
+
+
+def default_backend() -> str:
+    """``$ASKD_BACKEND`` if set (validated), else ``"torch"``."""
+    name = os.environ.get(ENV_VAR)
+    return _validate(name, f"${ENV_VAR}") if name else "torch"
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+@functools.cache
+def _triton_kernel_problems() -> dict[str, str]:
+    """op -> problem, for each fused op without an importable ``kernels.<op>`` module."""
+    problems = {}
+    for op in FUSED_OPS:
+        name = f"kernels.{op}"
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # no `kernels` package at all
+            spec = None
+        if spec is None:
+            problems[op] = "missing"
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            problems[op] = f"{name} fails to import ({type(exc).__name__}: {exc})"
+    return problems
+
+
+def _triton_reason(device_type: str) -> str | None:
+    reason = _triton_import_error()
+    if reason:
+        return reason
+    problems = _triton_kernel_problems()
+    if len(problems) == len(FUSED_OPS) and set(problems.values()) == {"missing"}:
+        return "no Triton kernels in this build yet"
+    if problems:
+        return "; ".join(f"{op}: {problem}" for op, problem in problems.items())
+    if device_type != "cuda" and not (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return "Triton needs a CUDA device, or TRITON_INTERPRET=1 on CPU"
+    return None
+
+
+def _ext_has(op: str, device_type: str) -> bool:
+    # a registered schema is not enough: the dispatcher must find a kernel for this device's dispatch key
+    return hasattr(torch.ops.askd, op) and torch._C._dispatch_has_computed_kernel_for_dispatch_key(
+        f"askd::{op}", torch._C._dispatch_key_for_device(device_type)
+    )
+
+
+def _ext_reason(device_type: str) -> str | None:
+    if _ext.load() is None:
+        return f"askd._C is not importable ({_ext.error()}); {_ext.HINT}"
+    if not any(hasattr(torch.ops.askd, op) for op in FUSED_OPS):
+        return "askd._C has no fused kernels yet (only build_info)"
+    missing = [op for op in FUSED_OPS if not _ext_has(op, device_type)]
+    if missing:
+        return f"askd._C has no {device_type} kernels for: {', '.join(missing)}"
+    return None
+
+
+def availability(device: str | torch.device) -> dict[str, str | None]:
+    """For torch, triton and ext: None if it can run the fused ops on ``device``'s type, else the reason."""
+    device_type = torch.device(device).type
+    return {"torch": None, "triton": _triton_reason(device_type), "ext": _ext_reason(device_type)}
+
+
+def _auto_order(device_type: str) -> tuple[str, ...]:
+    return AUTO_ORDER.get(device_type, AUTO_ORDER["cpu"])
+
+
+def resolve(requested: str | None, device: str | torch.device) -> str:
+    """The backend to run on ``device``: ``requested`` > ``$ASKD_BACKEND`` > ``"torch"``.
+
+    ``auto`` never fails; an explicit backend that cannot run raises :class:`BackendUnavailable`.
+    """
+    name = default_backend() if requested is None else _validate(requested, "the argument")
+    device_type = torch.device(device).type
+    reasons = availability(device_type)
+    if name == "auto":
+        return next(b for b in _auto_order(device_type) if reasons[b] is None)
+    if reasons[name] is not None:
+        raise BackendUnavailable(f"backend {name!r} cannot run on device {str(device)!r}: {reasons[name]}")
+    return name
+
+
+def describe_fallback(device: str | torch.device) -> str:
+    """One line: what ``auto`` resolves to on ``device`` and why the backends before it were skipped."""
+    device_type = torch.device(device).type
+    reasons = availability(device_type)
+    skipped = []
+    for name in _auto_order(device_type):
+        if reasons[name] is None:
+            break
+        skipped.append(f"{name} skipped: {reasons[name]}")
+    return "; ".join([f"auto -> {name} on {device_type}", *skipped])

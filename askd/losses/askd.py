@@ -1,0 +1,67 @@
+"""A-SKD attention distillation loss (Shin et al., ECCV 2022), the plain-PyTorch reference.
+
+Maps come as one ``(channel_map (B,C), spatial_map (B,1,H,W))`` tuple per CBAM block. Per map,
+with t, s flattened to (B, D):
+
+    cos_b = dot(t_b, s_b) / max(|t_b| * |s_b|, eps),  eps = 1e-8  (torch.nn.functional.cosine_similarity)
+    rho   = mean_b(1 - cos_b)
+
+    official (authors' code):  L = weight * sum over all 2N maps of rho
+    paper (eq. 5-6):           L = weight * sum over N blocks of (rho_channel + rho_spatial) / 2
+
+Teacher maps are detached: only the student gets gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..models import check_variant
+
+EPS = 1e-8
+MapPair = tuple[torch.Tensor, torch.Tensor]
+
+
+def cosine_distance(t: torch.Tensor, s: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """mean_b(1 - cos(t_b, s_b)) for t, s of shape (B, ...), computed in fp32 at least; a scalar."""
+    dtype = torch.promote_types(s.dtype, torch.float32)
+    t = t.detach().reshape(t.shape[0], -1).to(dtype)
+    s = s.reshape(s.shape[0], -1).to(dtype)
+    dot = (t * s).sum(dim=1)
+    norms = torch.linalg.vector_norm(t, dim=1) * torch.linalg.vector_norm(s, dim=1)
+    return (1.0 - dot / norms.clamp_min(eps)).mean()
+
+
+def _check_maps(teacher_maps: Sequence[MapPair], student_maps: Sequence[MapPair]) -> None:
+    if len(teacher_maps) != len(student_maps) or not teacher_maps:
+        raise ValueError(
+            f"teacher and student must give the same non-zero number of CBAM blocks, "
+            f"got {len(teacher_maps)} and {len(student_maps)}"
+        )
+    for i, (tp, sp) in enumerate(zip(teacher_maps, student_maps, strict=True)):
+        if len(tp) != 2 or len(sp) != 2:
+            raise ValueError(f"block {i}: expected a (channel_map, spatial_map) pair from each model")
+        for kind, t, s in (("channel", tp[0], sp[0]), ("spatial", tp[1], sp[1])):
+            if t.shape != s.shape:
+                raise ValueError(f"block {i} {kind} map: teacher {tuple(t.shape)} != student {tuple(s.shape)}")
+            if t.device != s.device:
+                raise ValueError(f"block {i} {kind} map: teacher on {t.device}, student on {s.device}")
+
+
+def attention_distill_loss(
+    teacher_maps: Sequence[MapPair],
+    student_maps: Sequence[MapPair],
+    variant: str = "official",
+    weight: float = 5.0,
+) -> torch.Tensor:
+    """The A-SKD loss over all blocks, a scalar (fp32, or fp64 for fp64 maps)."""
+    check_variant(variant)
+    _check_maps(teacher_maps, student_maps)
+    pairs = zip(teacher_maps, student_maps, strict=True)
+    per_block = [cosine_distance(tc, sc) + cosine_distance(ts, ss) for (tc, ts), (sc, ss) in pairs]
+    total = torch.stack(per_block).sum()
+    if variant == "paper":
+        total = total / 2
+    return weight * total

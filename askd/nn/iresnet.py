@@ -1,0 +1,116 @@
+"""IR-ResNet with one CBAM per residual block (InsightFace "improved ResNet", as in the A-SKD code).
+
+Input x (B,3,112,112) in [-1,1]. ``forward`` returns ``(embedding, maps)``: embedding (B,E) and
+``maps``, one ``(channel_map (B,C), spatial_map (B,1,H,W))`` tuple per CBAM block in forward order.
+
+Block (authors' ``BottleNeck_IR_CBAM``):
+    res = BN -> conv3x3(stride 1) -> BN -> PReLU -> conv3x3(stride s) -> BN -> CBAM
+    out = shortcut(x) + res        shortcut = conv1x1(stride s) + BN in a stage's first block, else identity
+No activation after the add. Stem conv3x3(3->w0) + BN + PReLU, no max-pool; every stage starts with
+stride 2 (112 -> 56 -> 28 -> 14 -> 7). Head BN2d -> Dropout -> Flatten -> Linear(C*7*7 -> E) -> BN1d.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .cbam import CBAM
+
+Maps = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class IRBlockCBAM(nn.Module):
+    """One improved residual block with CBAM before the residual add. x (B,Cin,H,W) -> (B,Cout,H/s,W/s)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, cbam: dict):
+        super().__init__()
+        self.res = nn.Sequential(
+            nn.BatchNorm2d(in_ch),
+            nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.PReLU(out_ch),
+            nn.Conv2d(out_ch, out_ch, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+        )
+        self.cbam = CBAM(out_ch, **cbam)
+        # The authors give every stage-opening block a projection, even where in_ch == out_ch.
+        self.shortcut = None
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        res, channel_map, spatial_map = self.cbam(self.res(x))
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return shortcut + res, channel_map, spatial_map
+
+
+class IResNetCBAM(nn.Module):
+    """IR-ResNet backbone returning ``(embedding, maps)``.
+
+    Args:
+        blocks: residual blocks per stage, e.g. (3, 4, 14, 3) for IR-50.
+        widths: stem width followed by the four stage widths, e.g. (64, 64, 128, 256, 512).
+        embedding_size: E.
+        dropout: head dropout (0.4 in the authors' code).
+        cbam: keyword arguments for every :class:`CBAM` (reduction, spatial_kernel, maps).
+        input_size: side of the square input; the head expects ``input_size / 16`` at the last stage.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[int],
+        widths: Sequence[int] = (64, 64, 128, 256, 512),
+        embedding_size: int = 512,
+        dropout: float = 0.4,
+        cbam: dict | None = None,
+        input_size: int = 112,
+    ):
+        super().__init__()
+        if len(blocks) != 4 or len(widths) != 5:
+            raise ValueError(f"need 4 stage block counts and 5 widths, got {list(blocks)} and {list(widths)}")
+        if input_size % 16:
+            raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
+        cbam = dict(cbam or {})
+        self.input_size = input_size
+        stem = widths[0]
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.PReLU(stem))
+        layers = []
+        for stage, n in enumerate(blocks):
+            in_ch, out_ch = widths[stage], widths[stage + 1]
+            for i in range(n):
+                layers.append(IRBlockCBAM(in_ch if i == 0 else out_ch, out_ch, 2 if i == 0 else 1, cbam))
+        self.blocks = nn.ModuleList(layers)
+        side = input_size // 16
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(widths[-1]),
+            nn.Dropout(dropout),
+            nn.Flatten(),
+            nn.Linear(widths[-1] * side * side, embedding_size),
+            nn.BatchNorm1d(embedding_size),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform conv/linear weights, zero biases, BN to identity (the authors' init)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Maps]:
+        s = self.input_size
+        if x.dim() != 4 or tuple(x.shape[1:]) != (3, s, s):
+            raise ValueError(f"expected input of shape (B,3,{s},{s}), got {tuple(x.shape)}")
+        x = self.stem(x)
+        maps: Maps = []
+        for block in self.blocks:
+            x, channel_map, spatial_map = block(x)
+            maps.append((channel_map, spatial_map))
+        return self.head(x), maps

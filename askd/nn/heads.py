@@ -42,7 +42,8 @@ class ArcFace(nn.Module):
             raise ValueError(f"ArcFace expects labels of shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
         with torch.autocast(embeddings.device.type, enabled=False):
             cos = self.cosine(embeddings)
-            sin = torch.sqrt((1.0 - cos * cos).clamp_min(0.0))
+            # a floor instead of 0: at |cos| == 1 sqrt's slope is infinite and where() would turn 0 * inf into NaN
+            sin = torch.sqrt((1.0 - cos * cos).clamp_min(1e-12))
             phi = cos * self.cos_m - sin * self.sin_m
             phi = torch.where(cos > self.th, phi, cos - self.mm)
             target = F.one_hot(labels.long(), self.num_classes).bool()

@@ -1,0 +1,65 @@
+"""Checkpoints: written atomically (temp file, fsync, rename), read back with clear errors.
+
+A checkpoint is a dict: ``model``, ``head`` (state dicts), ``optimizer``, ``scheduler``, ``scaler``,
+``epoch`` (completed epochs), ``step`` (completed optimiser steps), ``rng`` (torch CPU/CUDA generator
+states), ``config`` (the resolved config as a dict), ``role`` ("teacher" or the student's method) and
+``arch``/``variant``/``embedding_size``/``num_classes`` so that a reuse of another architecture fails
+early with a message instead of a state-dict mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or of the wrong kind."""
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save ``obj`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict on the CPU; raise CheckpointError naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many kinds for a corrupt or truncated file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        raise CheckpointError(f"{path} is not an askd checkpoint (no 'model'/'arch' entries)")
+    return ckpt
+
+
+def rng_state() -> dict[str, Any]:
+    """The generator states a resumed run must restore to continue bit-exactly (dropout draws)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

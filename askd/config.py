@@ -1,0 +1,184 @@
+"""The one training configuration: a flat dataclass with commented defaults, TOML files and overrides.
+
+Precedence: defaults < ``--config FILE.toml`` < command-line flags < ``--set key=value``. Unknown keys
+and values of the wrong type are errors. The defaults are the CPU demo (tiny model, embedded synthetic
+faces, minutes on a laptop); ``configs/official_ir50.toml`` holds the paper's full recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message says which key and why."""
+
+
+@dataclass
+class Config:
+    # --- model ---
+    arch: str = "ir_tiny_cbam"  # ir18_cbam | ir34_cbam | ir50_cbam | ir100_cbam | ir_tiny_cbam
+    variant: str = "official"  # official (authors' code) | paper (text of the paper); see DESIGN.md section 2
+    embedding_size: int = 512
+    # --- data ---
+    data: str = "synthetic"  # "synthetic" or an image folder root/<identity>/<image>
+    synthetic_identities: int = 100  # training identities of the synthetic set
+    synthetic_samples: int = 32  # images per synthetic identity
+    eval_identities: int = 50  # held-out synthetic identities for verification
+    eval_samples: int = 8  # images per held-out synthetic identity
+    eval_fraction: float = 0.2  # image folders: share of identities held out for verification
+    eval_pairs: int = 1200  # verification pairs (half genuine), split into 10 folds
+    eval_protocol: str = "insightface"  # insightface | askd
+    scale: int = 8  # LR down-sampling factor: 2 | 4 | 8 (112 -> 56 | 28 | 14 px)
+    lr_size: int = 0  # LR side in px; overrides scale when > 0
+    workers: int = 0  # DataLoader worker processes (image folders)
+    # --- method ---
+    stage: str = "all"  # teacher | student | all
+    method: str = "base,askd"  # comma list of base | kd | askd | askd_kd, one student each
+    teacher: str = ""  # teacher checkpoint to reuse (skips teacher training)
+    distill_weight: float = 5.0  # lambda_distill of the A-SKD loss
+    kd_temperature: float = 4.0  # T of the logit KD term
+    arcface_s: float = 32.0
+    arcface_m: float = 0.5
+    # --- optimisation (SGD, Nesterov, as the authors) ---
+    epochs: int = 6  # epochs per model (teacher and each student); the paper trains 20
+    max_steps: int = 0  # stop each model after this many steps when > 0 (smoke tests)
+    batch_size: int = 64  # the paper uses 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # lr /10 at these fractions of training: the paper's epochs 6, 11, 15, 17 of 20
+    milestones: list[float] = field(default_factory=lambda: [0.3, 0.55, 0.75, 0.85])
+    # --- runtime ---
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "off"  # bf16 | fp16 | off
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the models
+    fused: bool = False  # fused kernels (backend "auto") for CBAM and the loss where available
+    seed: int = 0
+    out: str = "runs/askd"  # run folder
+    log_every: int = 10  # steps between metrics-log lines
+    checkpoint_every: int = 0  # steps between checkpoints when > 0 (always at each epoch end)
+    resume: bool = False  # continue from the run folder's checkpoints
+
+    def lr_side(self) -> int:
+        """The LR image side in px."""
+        return self.lr_size if self.lr_size > 0 else 112 // self.scale
+
+    def methods(self) -> list[str]:
+        return [m.strip() for m in self.method.split(",") if m.strip()]
+
+
+CHOICES = {
+    "variant": ("official", "paper"),
+    "eval_protocol": ("insightface", "askd"),
+    "stage": ("teacher", "student", "all"),
+    "amp": ("bf16", "fp16", "off"),
+    "scale": (2, 4, 8),
+}
+METHODS = ("base", "kd", "askd", "askd_kd")
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert ``value`` (TOML value or command-line string) to the type of the field's default."""
+    kind = type(default)
+    try:
+        if isinstance(value, str) and kind is not str:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            if kind is list:
+                return [float(v) for v in value.strip("[]").split(",") if v.strip()]
+            return kind(value)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if kind is list and isinstance(value, list):
+            return [float(v) for v in value]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError
+        return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r}: expected {kind.__name__}, got {value!r}") from None
+
+
+def apply(cfg: Config, updates: dict[str, Any], source: str) -> Config:
+    """Return ``cfg`` with ``updates`` applied; unknown keys raise ConfigError naming ``source``."""
+    fields = _fields()
+    changes = {}
+    for key, value in updates.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown config key {key!r}; known keys: {', '.join(sorted(fields))}")
+        changes[key] = _coerce(key, value, getattr(cfg, key))
+    return validate(dataclasses.replace(cfg, **changes))
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``["key=value", ...]`` -> dict; a malformed item raises ConfigError."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a flat TOML config file; a missing or malformed file raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"config file {path}: tables are not supported, got [{nested[0]}]; use flat keys")
+    return data
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and ranges; raise ConfigError with the key, the value and what is allowed."""
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r}: got {value!r}, expected one of {list(allowed)}")
+    bad = [m for m in cfg.methods() if m not in METHODS]
+    if bad or not cfg.methods():
+        raise ConfigError(f"config key 'method': got {cfg.method!r}, expected a comma list of {list(METHODS)}")
+    if not 2 < cfg.lr_side() <= 112:
+        raise ConfigError(f"config key 'lr_size': got {cfg.lr_size}, expected 3..112 px (or 0 to use scale)")
+    positive = ("epochs", "batch_size", "embedding_size", "synthetic_identities", "synthetic_samples", "eval_pairs")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key {key!r}: got {getattr(cfg, key)}, expected >= 1")
+    if not 0.0 < cfg.eval_fraction < 1.0:
+        raise ConfigError(f"config key 'eval_fraction': got {cfg.eval_fraction}, expected in (0, 1)")
+    if any(not 0.0 < m < 1.0 for m in cfg.milestones):
+        raise ConfigError(f"config key 'milestones': got {cfg.milestones}, expected fractions in (0, 1)")
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as a flat TOML document (loadable again with ``--config``)."""
+    lines = ["# askd resolved config"]
+    for key, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        else:
+            text = repr(value)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"

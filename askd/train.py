@@ -1,0 +1,309 @@
+"""``python -m askd.train``: HR teacher -> frozen -> LR students (base / kd / askd / askd_kd) -> evaluation.
+
+One run folder (``--out``) holds ``config.toml`` (the resolved config), ``teacher/`` and one
+``student_<method>/`` per method, each with ``checkpoint.pt`` and ``metrics.jsonl``, and at the end
+``results.json`` and ``results.md``: 10-fold verification accuracy of the teacher on HR and LR and of
+every student on LR, and the per-block Pearson correlation of teacher (HR) and student (LR) maps.
+
+A training step (DESIGN.md section 3): uint8 HR batch -> device, [-1,1], random flip -> degrade -> teacher
+forward without grad -> student forward -> ArcFace (+ distillation) -> SGD step; the LR schedule is
+evaluated per step. Exit status 2 with one line on stderr for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import backend, models
+from .checkpoint import CheckpointError, load, rng_state, save_atomic, set_rng_state
+from .config import Config, ConfigError, apply, load_toml, parse_set, to_toml
+from .data import degrade
+from .data.sources import DataError, TrainData, build_data, iterate_batches
+from .eval.report import evaluate_run, format_table
+from .losses import attention_distill_loss, kd_loss
+from .nn import ArcFace
+
+# command-line flags that are shorthands for config keys
+FLAGS = {
+    "stage": str, "teacher": str, "variant": str, "scale": int, "lr_size": int, "data": str, "arch": str,
+    "epochs": int, "batch_size": int, "out": str, "seed": int, "device": str, "amp": str, "method": str,
+}
+SWITCHES = ("channels_last", "compile", "fused", "resume")
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    """Command line -> resolved Config (defaults < --config < flags < --set)."""
+    p = argparse.ArgumentParser(prog="python -m askd.train", description=__doc__.split("\n")[0])
+    for name, kind in FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"config key {name}")
+    for name in SWITCHES:
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=f"set {name}=true")
+    p.add_argument("--config", help="TOML file of config keys")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    args = p.parse_args(argv)
+    cfg = Config()
+    if args.config:
+        cfg = apply(cfg, load_toml(args.config), args.config)
+    flags = {k: v for k in (*FLAGS, *SWITCHES) if (v := getattr(args, k)) is not None}
+    cfg = apply(cfg, flags, "command line")
+    return apply(cfg, parse_set(args.set), "--set")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config key 'device': {name!r} is not a device; expected auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
+    """Multiplier of the base LR at optimiser step ``step``: 0.1 per milestone passed.
+
+    Milestones are fractions of ``epochs``; ``official`` reproduces the authors' scheduler, which is
+    stepped at the start of every epoch and so lowers the LR one epoch earlier than the paper's text.
+    """
+    total = cfg.epochs * steps_per_epoch
+    shift = steps_per_epoch if cfg.variant == "official" else 0
+    passed = sum(step >= round(m * total) - shift for m in cfg.milestones)
+    return 0.1**passed
+
+
+@dataclasses.dataclass
+class Stage:
+    """What one model's training needs: its role and, for students, the frozen teacher."""
+
+    role: str  # "teacher" or a student method
+    teacher: torch.nn.Module | None = None
+    teacher_head: ArcFace | None = None
+
+    @property
+    def dirname(self) -> str:
+        return "teacher" if self.role == "teacher" else f"student_{self.role}"
+
+
+def to_input(images: torch.Tensor, device: torch.device, flip: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> float (B,3,H,W) in [-1,1] on ``device``, images with ``flip[b]`` mirrored."""
+    x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    x = torch.where(flip.to(device)[:, None, None, None], x.flip(3), x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Share of the batch whose margin logits rank the label first (a training-progress signal)."""
+    return (logits.detach().argmax(1) == labels).float().mean()
+
+
+def random_flips(n: int, seed: int, step: int) -> torch.Tensor:
+    """Which of the step's n images to mirror, bool (n,): a function of (seed, step) so resumes repeat it."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)) < 0.5
+
+
+def step_loss(cfg: Config, stage: Stage, model, head: ArcFace, hr: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Forward one batch; returns the loss terms (``loss`` is what is minimised)."""
+    if stage.role == "teacher":
+        emb, _ = model(hr)
+        logits = head(emb, labels)
+        ce = F.cross_entropy(logits, labels)
+        return {"loss": ce, "ce": ce, "acc": accuracy(logits, labels)}
+    lr = degrade(hr, cfg.lr_side(), cfg.variant)
+    with torch.no_grad():
+        t_emb, t_maps = stage.teacher(hr)
+    emb, s_maps = model(lr)
+    logits = head(emb, labels)
+    terms = {"ce": F.cross_entropy(logits, labels), "acc": accuracy(logits, labels)}
+    terms["loss"] = terms["ce"]
+    if stage.role in ("askd", "askd_kd"):
+        terms["distill"] = attention_distill_loss(t_maps, s_maps, cfg.variant, cfg.distill_weight)
+        terms["loss"] = terms["loss"] + terms["distill"]
+    if stage.role in ("kd", "askd_kd"):
+        with torch.no_grad():
+            t_logits = stage.teacher_head(t_emb, labels)
+        terms["kd"] = kd_loss(t_logits, logits, cfg.kd_temperature)
+        terms["loss"] = terms["loss"] + terms["kd"]
+    return terms
+
+
+def build_model(cfg: Config, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, ArcFace]:
+    model = models.create(cfg.arch, cfg.variant, cfg.embedding_size)
+    head = ArcFace(cfg.embedding_size, num_classes, cfg.arcface_s, cfg.arcface_m)
+    model, head = model.to(device), head.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, head
+
+
+def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Path:
+    """Train one model (resuming from its checkpoint with ``--resume``); returns the checkpoint path."""
+    run_dir = Path(cfg.out) / stage.dirname
+    ckpt_path = run_dir / "checkpoint.pt"
+    torch.manual_seed(cfg.seed)
+    model, head = build_model(cfg, data.num_classes, device)
+    params = [*model.parameters(), *head.parameters()]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    spe = data.steps_per_epoch(cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, spe))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    total = cfg.epochs * spe if cfg.max_steps <= 0 else min(cfg.max_steps, cfg.epochs * spe)
+    step = 0
+    if cfg.resume and ckpt_path.is_file():
+        step = restore(load(ckpt_path), cfg, stage, model, head, opt, sched, scaler)
+        if step >= total:
+            print(f"[{stage.dirname}] already trained ({step} steps): {ckpt_path}")
+            return ckpt_path
+        print(f"[{stage.dirname}] resuming at step {step} of {total}")
+    elif ckpt_path.exists() and not cfg.resume:
+        ckpt_path.unlink()  # a fresh run must not leave a stale checkpoint to be resumed later
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fwd = torch.compile(model) if cfg.compile else model
+    model.train()
+    head.train()
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+    def save(epoch: int) -> None:
+        state = {
+            "model": model.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+            "rng": rng_state(), "config": dataclasses.asdict(cfg), "role": stage.role, "arch": cfg.arch,
+            "variant": cfg.variant, "embedding_size": cfg.embedding_size, "num_classes": data.num_classes,
+        }
+        save_atomic(state, ckpt_path)
+
+    bar = tqdm(total=total, initial=step, desc=stage.dirname, unit="step", dynamic_ncols=True, mininterval=1.0)
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        t0, seen = time.perf_counter(), 0
+        while step < total:
+            epoch = step // spe
+            for images, labels in iterate_batches(data, cfg, epoch, step % spe):
+                flip = random_flips(len(labels), cfg.seed, step)
+                hr = to_input(images, device, flip, cfg.channels_last)
+                labels = labels.to(device)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    terms = step_loss(cfg, stage, fwd, head, hr, labels)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"[{stage.dirname}] loss became {loss.item()} at step {step}")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                step += 1
+                seen += len(labels)
+                rate = seen / (time.perf_counter() - t0)
+                if step % cfg.log_every == 0 or step == total:
+                    log_step(log, stage, step, epoch, terms, sched.get_last_lr()[0], rate)
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}", refresh=False)
+                bar.update()
+                if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
+                    save(epoch)
+                if step >= total:
+                    break
+            save(step // spe)
+    bar.close()
+    return ckpt_path
+
+
+def log_step(log, stage: Stage, step: int, epoch: int, terms: dict, lr: float, rate: float) -> None:
+    row = {"stage": stage.dirname, "step": step, "epoch": epoch, "lr": lr, "img_per_s": round(rate, 2)}
+    row.update({k: round(v.item(), 6) for k, v in terms.items()})
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+
+
+def restore(ckpt: dict, cfg: Config, stage: Stage, model, head, opt, sched, scaler) -> int:
+    """Load a run's own checkpoint into the training objects; returns the completed step count."""
+    if ckpt.get("role") != stage.role or ckpt["arch"] != cfg.arch or ckpt["variant"] != cfg.variant:
+        raise CheckpointError(
+            f"cannot resume {stage.dirname}: its checkpoint is {ckpt.get('role')}/{ckpt['arch']}/{ckpt['variant']}, "
+            f"this run is {stage.role}/{cfg.arch}/{cfg.variant}"
+        )
+    model.load_state_dict(ckpt["model"])
+    head.load_state_dict(ckpt["head"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return int(ckpt["step"])
+
+
+def load_frozen(path: Path, cfg: Config, device: torch.device) -> tuple[torch.nn.Module, ArcFace]:
+    """Model and head from a checkpoint in eval mode without grad; a mismatch with ``cfg`` ends clearly."""
+    ckpt = load(path)
+    want = (cfg.arch, cfg.variant, cfg.embedding_size)
+    have = (ckpt["arch"], ckpt["variant"], ckpt["embedding_size"])
+    if have != want:
+        raise CheckpointError(
+            f"checkpoint {path} is {have[0]} / variant {have[1]} / embedding {have[2]}, but this run uses "
+            f"{want[0]} / variant {want[1]} / embedding {want[2]}; pass matching --arch/--variant or another teacher"
+        )
+    model, head = build_model(cfg, ckpt["num_classes"], device)
+    model.load_state_dict(ckpt["model"])
+    head.load_state_dict(ckpt["head"])
+    for module in (model, head):
+        module.eval().requires_grad_(False)
+    return model, head
+
+
+def run(cfg: Config) -> dict:
+    """The whole pipeline for a resolved config; returns the results dict (also written to the run folder)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(to_toml(cfg))
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = build_data(cfg)
+    print(f"askd: {cfg.arch}/{cfg.variant} on {device}, {data.describe()}, LR {cfg.lr_side()} px, out {out}")
+    if cfg.fused:
+        print("askd: --fused:", backend.describe_fallback(device))
+    teacher_path = Path(cfg.teacher) if cfg.teacher else out / "teacher" / "checkpoint.pt"
+    if not cfg.teacher and cfg.stage in ("teacher", "all"):
+        fit(cfg, Stage("teacher"), data, device)
+    elif not teacher_path.is_file():
+        raise CheckpointError(f"--stage student needs a teacher: pass --teacher PATH (none at {teacher_path})")
+    teacher, teacher_head = load_frozen(teacher_path, cfg, device)
+    if teacher_head.num_classes != data.num_classes and any(m in ("kd", "askd_kd") for m in cfg.methods()):
+        raise CheckpointError(
+            f"teacher {teacher_path} has a {teacher_head.num_classes}-class head but the data has "
+            f"{data.num_classes} identities; logit KD needs the teacher's head for the same identities"
+        )
+    students = {}
+    if cfg.stage in ("student", "all"):
+        for method in cfg.methods():
+            path = fit(cfg, Stage(method, teacher, teacher_head), data, device)
+            students[method] = load_frozen(path, cfg, device)[0]
+    results = evaluate_run(cfg, data, teacher, students, device)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = format_table(results)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except (ConfigError, CheckpointError, DataError) as e:
+        print(f"askd.train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("askd.train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

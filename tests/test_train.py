@@ -1,0 +1,110 @@
+"""``python -m askd.train`` on the CPU: a few steps that train, checkpoint, resume exactly, and fail clearly."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from askd import models
+from askd.checkpoint import load, save_atomic
+from askd.train import main
+
+# a small synthetic run: 8 identities x 4 images, batches of 8, 16 held-out images
+SMALL = [
+    "--batch-size", "8",
+    "--set", "synthetic_identities=8", "--set", "synthetic_samples=4",
+    "--set", "eval_identities=4", "--set", "eval_samples=4", "--set", "eval_pairs=40",
+    "--set", "log_every=1", "--set", "embedding_size=32",
+]
+
+
+def losses(run_dir, stage):
+    rows = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def test_two_steps_train_checkpoint_and_resume_to_the_same_loss(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    argv = [*SMALL, "--stage", "teacher"]
+    assert main([*argv, "--out", str(straight), "--set", "max_steps=3"]) == 0
+    assert main([*argv, "--out", str(resumed), "--set", "max_steps=2"]) == 0
+    assert main([*argv, "--out", str(resumed), "--set", "max_steps=3", "--resume"]) == 0
+
+    full, cut = losses(straight, "teacher"), losses(resumed, "teacher")
+    assert all(torch.isfinite(torch.tensor(v)) for v in full.values())
+    assert cut[3] == full[3]  # the step after the resume sees the same batch, flips, dropout and weights
+
+    ckpt = load(straight / "teacher" / "checkpoint.pt")
+    assert ckpt["step"] == 3 and ckpt["role"] == "teacher" and ckpt["config"]["max_steps"] == 3
+    assert {"model", "head", "optimizer", "scheduler", "scaler", "rng", "epoch"} <= ckpt.keys()
+    torch.manual_seed(0)
+    fresh = models.create("ir_tiny_cbam", embedding_size=32).state_dict()
+    changed = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.equal(v, fresh[k])]
+    assert "stem.0.weight" in changed and "head.3.weight" in changed
+    assert not list((straight / "teacher").glob("*.tmp"))  # atomic writes leave no temp files
+    assert (straight / "config.toml").read_text().count("max_steps = 3") == 1
+
+
+def test_students_against_a_reused_teacher_and_results(tmp_path):
+    teacher_run = tmp_path / "t"
+    assert main([*SMALL, "--stage", "teacher", "--out", str(teacher_run), "--set", "max_steps=2"]) == 0
+    out = tmp_path / "s"
+    argv = [*SMALL, "--stage", "student", "--method", "base,askd_kd", "--out", str(out), "--set", "max_steps=2",
+            "--teacher", str(teacher_run / "teacher" / "checkpoint.pt")]
+    assert main(argv) == 0
+    terms = [json.loads(line) for line in (out / "student_askd_kd" / "metrics.jsonl").read_text().splitlines()]
+    assert {"ce", "distill", "kd", "loss"} <= terms[-1].keys()
+    assert terms[-1]["loss"] == pytest.approx(terms[-1]["ce"] + terms[-1]["distill"] + terms[-1]["kd"], rel=1e-5)
+    results = json.loads((out / "results.json").read_text())
+    names = set(results["verification"])
+    assert names == {"teacher (HR)", "teacher (LR)", "student base (LR)", "student askd_kd (LR)"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["verification"].values())
+    assert len(results["attention_correlation"]["askd_kd"]) == 4
+    assert "| student askd_kd (LR) |" in (out / "results.md").read_text()
+
+
+def run_error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("askd.train: error: ") and "Traceback" not in err
+    return err
+
+
+def test_missing_data_path(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert str(missing) in run_error(["--data", str(missing), "--out", str(tmp_path / "o")], capsys)
+
+
+def test_empty_data_folder(tmp_path, capsys):
+    (tmp_path / "faces" / "alice").mkdir(parents=True)
+    assert "no images found" in run_error(["--data", str(tmp_path / "faces"), "--out", str(tmp_path / "o")], capsys)
+
+
+def test_too_few_identities_in_a_folder(tmp_path, capsys):
+    for person in ("a", "b", "c"):
+        (tmp_path / "faces" / person).mkdir(parents=True)
+        Image.new("L", (92, 112), 128).save(tmp_path / "faces" / person / "1.pgm")
+    err = run_error(["--data", str(tmp_path / "faces"), "--out", str(tmp_path / "o")], capsys)
+    assert "has 3 identity folders" in err
+
+
+def test_wrong_scale(tmp_path, capsys):
+    assert "'scale': got 3" in run_error(["--scale", "3", "--out", str(tmp_path / "o")], capsys)
+
+
+def test_teacher_of_another_architecture(tmp_path, capsys):
+    fake = tmp_path / "teacher.pt"
+    save_atomic({"model": {}, "head": {}, "arch": "ir18_cbam", "variant": "official", "embedding_size": 512,
+                 "num_classes": 10}, fake)
+    err = run_error([*SMALL, "--stage", "student", "--teacher", str(fake), "--out", str(tmp_path / "o")], capsys)
+    assert "ir18_cbam" in err and "ir_tiny_cbam" in err
+
+
+def test_corrupt_and_missing_teacher(tmp_path, capsys):
+    corrupt = tmp_path / "teacher.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    err = run_error([*SMALL, "--stage", "student", "--teacher", str(corrupt), "--out", str(tmp_path / "o")], capsys)
+    assert "cannot read checkpoint" in err and str(corrupt) in err
+    err = run_error([*SMALL, "--stage", "student", "--out", str(tmp_path / "o2")], capsys)
+    assert "needs a teacher" in err

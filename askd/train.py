@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -146,98 +147,124 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> tuple[to
     return model, head
 
 
+@dataclasses.dataclass
+class Trainer:
+    """One model's training state: model and ArcFace head, SGD, the per-step LR schedule, the AMP scaler."""
+
+    cfg: Config
+    stage: Stage
+    model: torch.nn.Module
+    head: ArcFace
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    num_classes: int
+    step: int = 0
+
+    @classmethod
+    def create(cls, cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Trainer:
+        torch.manual_seed(cfg.seed)
+        model, head = build_model(cfg, data.num_classes, device)
+        params = [*model.parameters(), *head.parameters()]
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        spe = data.steps_per_epoch(cfg.batch_size)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, spe))
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        return cls(cfg, stage, model, head, opt, sched, scaler, data.num_classes)
+
+    def state(self, epoch: int) -> dict:
+        """The checkpoint dict (see askd.checkpoint)."""
+        cfg = self.cfg
+        return {
+            "model": self.model.state_dict(), "head": self.head.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+            "step": self.step, "rng": rng_state(), "config": dataclasses.asdict(cfg), "role": self.stage.role,
+            "arch": cfg.arch, "variant": cfg.variant, "embedding_size": cfg.embedding_size,
+            "num_classes": self.num_classes,
+        }
+
+    def restore(self, ckpt: dict) -> None:
+        """Load this model's own checkpoint; one of another role, architecture or variant is refused."""
+        cfg, role = self.cfg, self.stage.role
+        if ckpt.get("role") != role or ckpt["arch"] != cfg.arch or ckpt["variant"] != cfg.variant:
+            raise CheckpointError(
+                f"cannot resume {self.stage.dirname}: its checkpoint is {ckpt.get('role')}/{ckpt['arch']}/"
+                f"{ckpt['variant']}, this run is {role}/{cfg.arch}/{cfg.variant}"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.head.load_state_dict(ckpt["head"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+
+    def train_step(self, fwd, hr: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Forward (under autocast when asked), backward, SGD and schedule step; returns the loss terms."""
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+        with torch.autocast(hr.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            terms = step_loss(self.cfg, self.stage, fwd, self.head, hr, labels)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.step += 1
+        return terms
+
+
 def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Path:
     """Train one model (resuming from its checkpoint with ``--resume``); returns the checkpoint path."""
-    run_dir = Path(cfg.out) / stage.dirname
-    ckpt_path = run_dir / "checkpoint.pt"
-    torch.manual_seed(cfg.seed)
-    model, head = build_model(cfg, data.num_classes, device)
-    params = [*model.parameters(), *head.parameters()]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    ckpt_path = Path(cfg.out) / stage.dirname / "checkpoint.pt"
+    t = Trainer.create(cfg, stage, data, device)
     spe = data.steps_per_epoch(cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, spe))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     total = cfg.epochs * spe if cfg.max_steps <= 0 else min(cfg.max_steps, cfg.epochs * spe)
-    step = 0
     if cfg.resume and ckpt_path.is_file():
-        step = restore(load(ckpt_path), cfg, stage, model, head, opt, sched, scaler)
-        if step >= total:
-            print(f"[{stage.dirname}] already trained ({step} steps): {ckpt_path}")
+        t.restore(load(ckpt_path))
+        if t.step >= total:
+            print(f"[{stage.dirname}] already trained ({t.step} steps): {ckpt_path}")
             return ckpt_path
-        print(f"[{stage.dirname}] resuming at step {step} of {total}")
-    elif ckpt_path.exists() and not cfg.resume:
-        ckpt_path.unlink()  # a fresh run must not leave a stale checkpoint to be resumed later
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fwd = torch.compile(model) if cfg.compile else model
-    model.train()
-    head.train()
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-
-    def save(epoch: int) -> None:
-        state = {
-            "model": model.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-            "rng": rng_state(), "config": dataclasses.asdict(cfg), "role": stage.role, "arch": cfg.arch,
-            "variant": cfg.variant, "embedding_size": cfg.embedding_size, "num_classes": data.num_classes,
-        }
-        save_atomic(state, ckpt_path)
-
-    bar = tqdm(total=total, initial=step, desc=stage.dirname, unit="step", dynamic_ncols=True, mininterval=1.0)
-    with open(run_dir / "metrics.jsonl", "a") as log:
+        print(f"[{stage.dirname}] resuming at step {t.step} of {total}")
+    elif ckpt_path.exists():
+        print(f"[{stage.dirname}] starting afresh, replacing {ckpt_path} (use --resume to continue it)")
+        ckpt_path.unlink()
+    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    fwd = torch.compile(t.model) if cfg.compile else t.model
+    t.model.train()
+    t.head.train()
+    bar = tqdm(total=total, initial=t.step, desc=stage.dirname, unit="step", dynamic_ncols=True, mininterval=1.0)
+    with open(ckpt_path.parent / "metrics.jsonl", "a") as log:
         t0, seen = time.perf_counter(), 0
-        while step < total:
-            epoch = step // spe
-            for images, labels in iterate_batches(data, cfg, epoch, step % spe):
-                flip = random_flips(len(labels), cfg.seed, step)
-                hr = to_input(images, device, flip, cfg.channels_last)
-                labels = labels.to(device)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    terms = step_loss(cfg, stage, fwd, head, hr, labels)
-                loss = terms["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"[{stage.dirname}] loss became {loss.item()} at step {step}")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                step += 1
+        while t.step < total:
+            epoch = t.step // spe
+            for images, labels in iterate_batches(data, cfg, epoch, t.step % spe):
+                hr = to_input(images, device, random_flips(len(labels), cfg.seed, t.step), cfg.channels_last)
+                terms = t.train_step(fwd, hr, labels.to(device))
                 seen += len(labels)
-                rate = seen / (time.perf_counter() - t0)
-                if step % cfg.log_every == 0 or step == total:
-                    log_step(log, stage, step, epoch, terms, sched.get_last_lr()[0], rate)
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update()
-                if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
-                    save(epoch)
-                if step >= total:
+                if t.step % cfg.log_every == 0 or t.step == total:
+                    # reading the loss syncs the device: only at log steps
+                    rate = seen / (time.perf_counter() - t0)
+                    row = log_step(log, stage, t.step, epoch, terms, t.sched.get_last_lr()[0], rate)
+                    if not math.isfinite(row["loss"]):
+                        raise FloatingPointError(f"[{stage.dirname}] loss became {row['loss']} at step {t.step}")
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}", refresh=False)
+                if cfg.checkpoint_every > 0 and t.step % cfg.checkpoint_every == 0:
+                    save_atomic(t.state(epoch), ckpt_path)
+                if t.step >= total:
                     break
-            save(step // spe)
+            save_atomic(t.state(t.step // spe), ckpt_path)
     bar.close()
     return ckpt_path
 
 
-def log_step(log, stage: Stage, step: int, epoch: int, terms: dict, lr: float, rate: float) -> None:
+def log_step(log, stage: Stage, step: int, epoch: int, terms: dict, lr: float, rate: float) -> dict:
+    """Append one metrics line (loss terms, training accuracy, LR, images/s); returns it."""
     row = {"stage": stage.dirname, "step": step, "epoch": epoch, "lr": lr, "img_per_s": round(rate, 2)}
     row.update({k: round(v.item(), 6) for k, v in terms.items()})
     log.write(json.dumps(row) + "\n")
     log.flush()
-
-
-def restore(ckpt: dict, cfg: Config, stage: Stage, model, head, opt, sched, scaler) -> int:
-    """Load a run's own checkpoint into the training objects; returns the completed step count."""
-    if ckpt.get("role") != stage.role or ckpt["arch"] != cfg.arch or ckpt["variant"] != cfg.variant:
-        raise CheckpointError(
-            f"cannot resume {stage.dirname}: its checkpoint is {ckpt.get('role')}/{ckpt['arch']}/{ckpt['variant']}, "
-            f"this run is {stage.role}/{cfg.arch}/{cfg.variant}"
-        )
-    model.load_state_dict(ckpt["model"])
-    head.load_state_dict(ckpt["head"])
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    return int(ckpt["step"])
+    return row
 
 
 def load_frozen(path: Path, cfg: Config, device: torch.device) -> tuple[torch.nn.Module, ArcFace]:

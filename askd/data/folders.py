@@ -1,80 +1,110 @@
-"""Image-folder faces: ``root/<identity>/<image>`` with PGM, PNG or JPEG images (e.g. the ORL database).
+"""Image-folder face dataset: ``ImageFolderFaces(root, size=112, identities=None)`` and ``list_identities(root)``.
 
-Items are ``(image uint8 (3,size,size) RGB, label int)``. Identities are the sub-folders that hold at
-least one image, sorted by name and labelled 0..K-1 in that order; other files are ignored. Grey images
-become 3 identical channels. Resize rule: scale so that the SHORTER side equals ``size`` (bilinear,
-antialiased, by Pillow), then centre-crop the longer side to ``size``; ORL's 92x112 portraits become
-112x136 and lose 12 rows at the top and at the bottom.
+Layout: ``root/<identity>/<image>`` with images ending in .pgm, .png, .jpg or .jpeg (any case); other files
+and deeper folders are ignored. Identities are the folders that hold at least one image, sorted by name
+(plain string order: "s10" before "s2"); labels are 0..K-1 in that order, or in the order of ``identities``
+when a subset is given.
+
+An item is ``(image, label)``: image uint8 (3, size, size) RGB, label an int. Grey (L) images become three
+identical channels; every other mode is converted to RGB.
+
+Resize rule: scale so that the SHORTER side equals ``size`` (Pillow bilinear, antialiased when shrinking;
+the longer side is rounded), then centre-crop the longer side to ``size`` (an odd excess leaves the extra
+pixel at the bottom / right). ORL's 92x112 portraits become 112x136, cropped by 12 px top and bottom.
+
+Images are decoded on each ``__getitem__``; callers may use DataLoader workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 EXTENSIONS = (".pgm", ".png", ".jpg", ".jpeg")
+LAYOUT = "ROOT/<identity>/<image>.{" + ",".join(e[1:] for e in EXTENSIONS) + "}"
+
+
+def _root(root: str | Path) -> Path:
+    """``root`` as a Path, or a FileNotFoundError / NotADirectoryError that names it."""
+    path = Path(root)
+    if not path.exists():
+        raise FileNotFoundError(f"image folder root {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"image folder root {str(path)!r} is not a directory; expected {LAYOUT}")
+    return path
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
-
-
-def _check_root(root: Path) -> None:
-    if not root.exists():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    if not root.is_dir():
-        raise NotADirectoryError(f"image folder {root} is not a directory")
+    """Image files directly inside ``folder``, sorted by name."""
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in EXTENSIONS and f.is_file())
 
 
 def list_identities(root: str | Path) -> list[str]:
-    """Names of the identity folders under ``root`` that hold at least one image, sorted."""
-    root = Path(root)
-    _check_root(root)
-    names = sorted(d.name for d in root.iterdir() if d.is_dir() and _images(d))
+    """Names of the identity folders under ``root`` that hold at least one image, sorted.
+
+    Raises FileNotFoundError when there are none (and when ``root`` is missing).
+    """
+    path = _root(root)
+    names = sorted(d.name for d in path.iterdir() if d.is_dir() and _images(d))
     if not names:
-        raise ValueError(f"no images found under {root}; expected {root}/<identity>/<image>.{{pgm,png,jpg,jpeg}}")
+        raise FileNotFoundError(f"no images found under {str(path)!r}; expected {LAYOUT}")
     return names
 
 
-def load_face(path: str | Path, size: int = 112) -> torch.Tensor:
-    """One image file -> uint8 (3,size,size) RGB by the module's resize-and-centre-crop rule."""
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """uint8 (3, size, size) RGB of the image at ``path`` under the module's resize rule.
+
+    Raises a ValueError naming the file when it cannot be decoded.
+    """
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = size / min(w, h)
-            rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-            im = im.resize((rw, rh), Image.BILINEAR, reducing_gap=None)
-            left, top = (rw - size) // 2, (rh - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")  # L replicates into three channels
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for corrupt, truncated or odd files
+        raise ValueError(f"cannot read image {str(path)!r}: {err}") from err
+    w, h = rgb.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
+        left, top = (w - size) // 2, (h - size) // 2
+        rgb = rgb.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
 
 
 class ImageFolderFaces(Dataset):
-    """Faces from ``root/<identity>/<image>``; ``identities`` picks (and orders) a subset of folders."""
+    """Faces from ``root/<identity>/<image>``: items (uint8 (3,size,size) RGB, int label).
 
-    def __init__(self, root: str | Path, size: int = 112, identities: Sequence[str] | None = None):
+    Attributes: ``classes`` (identity names, label order), ``num_classes``, ``samples`` ([(path, label)]).
+    ``identities`` (folder names) restricts the set and labels it 0..len-1 in the given order.
+    """
+
+    def __init__(self, root: str | Path, size: int = 112, identities: list[str] | None = None):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
         self.root, self.size = Path(root), size
-        known = list_identities(self.root)
-        if identities is None:
-            identities = known
-        missing = sorted(set(identities) - set(known))
-        if missing:
-            raise ValueError(f"identity folders without images under {self.root}: {', '.join(missing)}")
-        self.classes = list(identities)
+        found = list_identities(self.root)
+        self.classes = found if identities is None else self._subset(list(identities), found)
         self.num_classes = len(self.classes)
-        self.samples = [(p, label) for label, name in enumerate(self.classes) for p in _images(self.root / name)]
+        self.samples = [(f, label) for label, name in enumerate(self.classes) for f in _images(self.root / name)]
+
+    def _subset(self, names: list[str], found: list[str]) -> list[str]:
+        if not names:
+            raise ValueError("identities is empty; give None for all identities or a list of folder names")
+        if len(set(names)) != len(names):
+            raise ValueError(f"identities has duplicates: {sorted({n for n in names if names.count(n) > 1})}")
+        missing = [n for n in names if n not in set(found)]
+        if missing:
+            raise ValueError(f"identities {missing} have no images under {str(self.root)!r}; "
+                             f"available: {found[:10]}{' ...' if len(found) > 10 else ''}")
+        return names
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        return load_face(path, self.size), label
+        return load_image(path, self.size), label

@@ -28,7 +28,7 @@ class Config:
     # --- data ---
     data: str = "synthetic"  # "synthetic" or an image folder root/<identity>/<image>
     synthetic_identities: int = 100  # training identities of the synthetic set
-    synthetic_samples: int = 32  # images per synthetic identity
+    synthetic_samples: int = 24  # images per synthetic identity
     eval_identities: int = 50  # held-out synthetic identities for verification
     eval_samples: int = 8  # images per held-out synthetic identity
     eval_fraction: float = 0.2  # image folders: share of identities held out for verification
@@ -46,7 +46,7 @@ class Config:
     arcface_s: float = 32.0
     arcface_m: float = 0.5
     # --- optimisation (SGD, Nesterov, as the authors) ---
-    epochs: int = 6  # epochs per model (teacher and each student); the paper trains 20
+    epochs: int = 5  # epochs per model (teacher and each student); the paper trains 20
     max_steps: int = 0  # stop each model after this many steps when > 0 (smoke tests)
     batch_size: int = 64  # the paper uses 128
     lr: float = 0.1

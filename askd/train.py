@@ -74,11 +74,12 @@ def resolve_device(name: str) -> torch.device:
 def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
     """Multiplier of the base LR at optimiser step ``step``: 0.1 per milestone passed.
 
-    Milestones are fractions of ``epochs``; ``official`` reproduces the authors' scheduler, which is
-    stepped at the start of every epoch and so lowers the LR one epoch earlier than the paper's text.
+    Milestones are fractions of training. ``official`` reproduces the authors' scheduler, which is stepped
+    at the start of every epoch and so lowers the LR one epoch (of their 20) earlier than the paper's
+    text: the shift is 1/20 of training, exactly one epoch in the 20-epoch recipe.
     """
     total = cfg.epochs * steps_per_epoch
-    shift = steps_per_epoch if cfg.variant == "official" else 0
+    shift = total / 20 if cfg.variant == "official" else 0
     passed = sum(step >= round(m * total) - shift for m in cfg.milestones)
     return 0.1**passed
 

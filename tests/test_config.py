@@ -81,8 +81,9 @@ def test_shipped_presets_load():
 
 def test_lr_schedule_paper_and_the_authors_one_epoch_early_step():
     """20 epochs of 10 steps: /10 at epochs 6, 11, 15, 17 (paper); one epoch earlier in official."""
-    paper = apply(Config(), {"variant": "paper", "epochs": 20}, "test")
-    official = apply(Config(), {"variant": "official", "epochs": 20}, "test")
+    recipe = load_toml("configs/official_ir50.toml")
+    paper = apply(Config(), {**recipe, "variant": "paper"}, "test")
+    official = apply(Config(), recipe, "test")
     spe = 10
     drops_paper = [e for e in range(1, 20) if lr_factor(e * spe, paper, spe) < lr_factor(e * spe - 1, paper, spe)]
     drops_official = [

@@ -108,3 +108,13 @@ def test_corrupt_and_missing_teacher(tmp_path, capsys):
     assert "cannot read checkpoint" in err and str(corrupt) in err
     err = run_error([*SMALL, "--stage", "student", "--out", str(tmp_path / "o2")], capsys)
     assert "needs a teacher" in err
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_and_channels_last_steps_stay_finite(tmp_path, amp):
+    fast = [*SMALL, "--amp", amp, "--channels-last", "--out", str(tmp_path)]
+    assert main([*fast, "--stage", "teacher", "--set", "max_steps=1"]) == 0
+    teacher = str(tmp_path / "teacher" / "checkpoint.pt")
+    assert main([*fast, "--stage", "student", "--method", "askd", "--teacher", teacher, "--set", "max_steps=2"]) == 0
+    rows = losses(tmp_path, "student_askd")
+    assert set(rows) == {1, 2} and all(torch.isfinite(torch.tensor(v)) for v in rows.values())

@@ -219,6 +219,16 @@ class Trainer:
         return terms
 
 
+def compile_model(model: torch.nn.Module, device: torch.device):
+    """torch.compile ``model``. On CPUs without inductor's conv layout optimisation: with it, the compiled
+    IR-CBAM block's backward corrupts the heap in torch 2.13 (double free; oneDNN conv re-layout)."""
+    if device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = False
+    return torch.compile(model)
+
+
 def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Path:
     """Train one model (resuming from its checkpoint with ``--resume``); returns the checkpoint path."""
     ckpt_path = Path(cfg.out) / stage.dirname / "checkpoint.pt"
@@ -235,7 +245,7 @@ def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Pat
         print(f"[{stage.dirname}] starting afresh, replacing {ckpt_path} (use --resume to continue it)")
         ckpt_path.unlink()
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-    fwd = torch.compile(t.model) if cfg.compile else t.model
+    fwd = compile_model(t.model, device) if cfg.compile else t.model
     t.model.train()
     t.head.train()
     bar = tqdm(total=total, initial=t.step, desc=stage.dirname, unit="step", dynamic_ncols=True, mininterval=1.0)

@@ -43,7 +43,8 @@ SWITCHES = ("channels_last", "compile", "fused", "resume")
 
 
 def parse_args(argv: list[str] | None) -> Config:
-    """Command line -> resolved Config (defaults < --config < flags < --set)."""
+    """Command line -> resolved Config: defaults < (with --resume: the run folder's config.toml) < --config
+    < flags < --set."""
     p = argparse.ArgumentParser(prog="python -m askd.train", description=__doc__.split("\n")[0])
     for name, kind in FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"config key {name}")
@@ -52,12 +53,18 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--config", help="TOML file of config keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     args = p.parse_args(argv)
-    cfg = Config()
-    if args.config:
-        cfg = apply(cfg, load_toml(args.config), args.config)
     flags = {k: v for k in (*FLAGS, *SWITCHES) if (v := getattr(args, k)) is not None}
-    cfg = apply(cfg, flags, "command line")
-    return apply(cfg, parse_set(args.set), "--set")
+
+    def resolve(base: Config) -> Config:
+        cfg = apply(base, load_toml(args.config), args.config) if args.config else base
+        return apply(apply(cfg, flags, "command line"), parse_set(args.set), "--set")
+
+    cfg = resolve(Config())
+    saved = Path(cfg.out) / "config.toml"
+    if cfg.resume and saved.is_file():
+        # a resumed run starts from the config it was started with; what is given now still overrides it
+        cfg = resolve(apply(Config(), load_toml(saved), str(saved)))
+    return cfg
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,6 +28,10 @@ EXTENSIONS = (".pgm", ".png", ".jpg", ".jpeg")
 LAYOUT = "ROOT/<identity>/<image>.{" + ",".join(e[1:] for e in EXTENSIONS) + "}"
 
 
+class DataError(ValueError):
+    """Data that cannot be used (an unreadable image, an unusable folder); the message names the path."""
+
+
 def _root(root: str | Path) -> Path:
     """``root`` as a Path, or a FileNotFoundError / NotADirectoryError that names it."""
     path = Path(root)
@@ -58,13 +62,13 @@ def list_identities(root: str | Path) -> list[str]:
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """uint8 (3, size, size) RGB of the image at ``path`` under the module's resize rule.
 
-    Raises a ValueError naming the file when it cannot be decoded.
+    Raises a DataError (a ValueError) naming the file when it cannot be decoded.
     """
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")  # L replicates into three channels
     except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for corrupt, truncated or odd files
-        raise ValueError(f"cannot read image {str(path)!r}: {err}") from err
+        raise DataError(f"cannot read image {str(path)!r}: {err}") from err
     w, h = rgb.size
     if (w, h) != (size, size):
         scale = size / min(w, h)

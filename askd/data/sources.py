@@ -19,12 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .folders import ImageFolderFaces, list_identities
+from .folders import DataError, ImageFolderFaces, list_identities
 from .synthetic import SyntheticFaces
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; the message names the path and what was expected."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 // askd._C: the compiled extension's entry point and the `askd` op library.
 //
-// For now it holds one op, askd::build_info, so the build path (compiler flags, OpenMP, torch headers)
-// is exercised from day one; fused kernels register into the same TORCH_LIBRARY later.
+// The schemas of every compiled op live here; csrc/cpu/*.cpp and csrc/cuda/*.cu register their kernels with
+// TORCH_LIBRARY_IMPL(askd, CPU / CUDA). The contracts (what each output holds, the gradient formulas) are
+// written out in askd/ops/cbam.py and askd/ops/cosine_distill.py, whose fake kernels serve torch.compile.
 // Python reaches the ops through torch.ops.askd.* once `import askd._C` has loaded this library.
 
 #include <pybind11/pybind11.h>
@@ -44,6 +45,17 @@ std::string build_info() {
 
 TORCH_LIBRARY(askd, m) {
   m.def("build_info() -> str", &build_info);
+  m.def(
+      "cbam_forward(Tensor x, Tensor w1, Tensor w2, Tensor ws) -> (Tensor y, Tensor a_c, Tensor a_s, "
+      "Tensor chan, Tensor idx_c, Tensor pooled, Tensor idx_s)");
+  m.def(
+      "cbam_backward(Tensor dy, Tensor da_c, Tensor da_s, Tensor x, Tensor w1, Tensor w2, Tensor ws, Tensor a_c, "
+      "Tensor a_s, Tensor chan, Tensor idx_c, Tensor pooled, Tensor idx_s) -> (Tensor dx, Tensor dw1, Tensor dw2, "
+      "Tensor dws)");
+  m.def("cosine_distill_forward(Tensor[] teacher, Tensor[] student, float scale) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "cosine_distill_backward(Tensor grad, Tensor[] teacher, Tensor[] student, Tensor stats, float scale) "
+      "-> Tensor[]");
 }
 
 // Empty on purpose: importing the module only has to load the library so TORCH_LIBRARY runs.

@@ -1,10 +1,9 @@
 """Backend selection for the fused ops: which of torch / triton / ext can run on a device, and which to use.
 
 ``torch`` is the plain PyTorch implementation and always works. ``triton`` uses the kernels in the top-level
-``kernels`` package (one module per op in :data:`FUSED_OPS`), ``ext`` the ops that ``askd._C`` registers in
-``torch.ops.askd``. A backend counts as available once it implements every op in :data:`FUSED_OPS` for the
-device type, so adding kernels needs no change here. ``auto`` picks the first available backend in
-:data:`AUTO_ORDER` and always ends at ``torch``.
+``kernels`` package, ``ext`` the ops that ``askd._C`` registers in ``torch.ops.askd`` (:data:`FUSED_OPS` names
+both for each fused op). A backend counts as available once it implements every fused op for the device type.
+``auto`` picks the first available backend in :data:`AUTO_ORDER` and always ends at ``torch``.
 """
 
 from __future__ import annotations
@@ -19,14 +18,25 @@ import torch
 from . import _ext
 
 BACKENDS = ("torch", "triton", "ext", "auto")
-FUSED_OPS = ("cbam", "attention_distill")
+# fused op -> (its Triton module, its compiled ops in torch.ops.askd)
+FUSED_OPS = {
+    "cbam": ("kernels.cbam", ("cbam_forward", "cbam_backward")),
+    "attention_distill": ("kernels.cosine_distill", ("cosine_distill_forward", "cosine_distill_backward")),
+}
 ENV_VAR = "ASKD_BACKEND"
-# fastest first; torch last so auto never fails
-AUTO_ORDER = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "triton", "torch")}
+# Fastest first, torch last so auto never fails. CPU: ext measured faster than torch (bench/results); Triton
+# on a CPU is the interpreter, a testing mode, so auto never picks it there. CUDA: not measured yet (no GPU
+# run so far); Triton first as DESIGN.md plans.
+AUTO_ORDER = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "torch")}
 
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run on the given device."""
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is one of :data:`BACKENDS`, else a ValueError listing them."""
+    return _validate(name, "the argument")
 
 
 def _validate(name: str, source: str) -> str:
@@ -54,8 +64,7 @@ def _triton_import_error() -> str | None:
 def _triton_kernel_problems() -> dict[str, str]:
     """op -> problem, for each fused op without an importable ``kernels.<op>`` module."""
     problems = {}
-    for op in FUSED_OPS:
-        name = f"kernels.{op}"
+    for op, (name, _) in FUSED_OPS.items():
         try:
             spec = importlib.util.find_spec(name)
         except ModuleNotFoundError:  # no `kernels` package at all
@@ -86,16 +95,16 @@ def _triton_reason(device_type: str) -> str | None:
 
 def _ext_has(op: str, device_type: str) -> bool:
     # a registered schema is not enough: the dispatcher must find a kernel for this device's dispatch key
-    return hasattr(torch.ops.askd, op) and torch._C._dispatch_has_computed_kernel_for_dispatch_key(
-        f"askd::{op}", torch._C._dispatch_key_for_device(device_type)
+    key = torch._C._dispatch_key_for_device(device_type)
+    return all(
+        hasattr(torch.ops.askd, name) and torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"askd::{name}", key)
+        for name in FUSED_OPS[op][1]
     )
 
 
 def _ext_reason(device_type: str) -> str | None:
     if _ext.load() is None:
         return f"askd._C is not importable ({_ext.error()}); {_ext.HINT}"
-    if not any(hasattr(torch.ops.askd, op) for op in FUSED_OPS):
-        return "askd._C has no fused kernels yet (only build_info)"
     missing = [op for op in FUSED_OPS if not _ext_has(op, device_type)]
     if missing:
         return f"askd._C has no {device_type} kernels for: {', '.join(missing)}"
@@ -125,6 +134,12 @@ def resolve(requested: str | None, device: str | torch.device) -> str:
     if reasons[name] is not None:
         raise BackendUnavailable(f"backend {name!r} cannot run on device {str(device)!r}: {reasons[name]}")
     return name
+
+
+@torch.compiler.assume_constant_result
+def resolve_constant(requested: str | None, device_type: str) -> str:
+    """:func:`resolve` for module forwards: torch.compile calls it once while tracing and keeps the answer."""
+    return resolve(requested, device_type)
 
 
 def describe_fallback(device: str | torch.device) -> str:

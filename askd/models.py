@@ -42,10 +42,10 @@ def create(name: str, variant: str = "official", embedding_size: int = 512, **kw
     """Build backbone ``name`` with the CBAM of ``variant``.
 
     Extra keywords go to :class:`askd.nn.IResNetCBAM` (``dropout``); ``reduction`` (default: the
-    architecture's, 16 for the IR nets) goes to every CBAM.
+    architecture's, 16 for the IR nets) and ``backend`` (see :class:`askd.nn.CBAM`) go to every CBAM.
     """
     if name not in ARCHS:
         raise ValueError(f"unknown model {name!r}; expected one of {names()}")
     blocks, widths, reduction = ARCHS[name]
-    cbam = dict(VARIANTS[check_variant(variant)], reduction=kw.pop("reduction", reduction))
+    cbam = dict(VARIANTS[check_variant(variant)], reduction=kw.pop("reduction", reduction), backend=kw.pop("backend", None))
     return IResNetCBAM(blocks, widths, embedding_size=embedding_size, cbam=cbam, **kw)

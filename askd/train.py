@@ -138,7 +138,7 @@ def step_loss(cfg: Config, stage: Stage, model, head: ArcFace, hr: torch.Tensor,
     terms = {"ce": F.cross_entropy(logits, labels), "acc": accuracy(head, emb, labels)}
     terms["loss"] = terms["ce"]
     if stage.role in ("askd", "askd_kd"):
-        terms["distill"] = attention_distill_loss(t_maps, s_maps, cfg.variant, cfg.distill_weight)
+        terms["distill"] = attention_distill_loss(t_maps, s_maps, cfg.variant, cfg.distill_weight, fused_backend(cfg))
         terms["loss"] = terms["loss"] + terms["distill"]
     if stage.role in ("kd", "askd_kd"):
         with torch.no_grad():
@@ -148,8 +148,13 @@ def step_loss(cfg: Config, stage: Stage, model, head: ArcFace, hr: torch.Tensor,
     return terms
 
 
+def fused_backend(cfg: Config) -> str | None:
+    """--fused: backend auto for every CBAM and the loss; otherwise None ($ASKD_BACKEND, else torch)."""
+    return "auto" if cfg.fused else None
+
+
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, ArcFace]:
-    model = models.create(cfg.arch, cfg.variant, cfg.embedding_size)
+    model = models.create(cfg.arch, cfg.variant, cfg.embedding_size, backend=fused_backend(cfg))
     head = ArcFace(cfg.embedding_size, num_classes, cfg.arcface_s, cfg.arcface_m)
     model, head = model.to(device), head.to(device)
     if cfg.channels_last:

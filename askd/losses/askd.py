@@ -9,7 +9,9 @@ with t, s flattened to (B, D):
     official (authors' code):  L = weight * sum over all 2N maps of rho
     paper (eq. 5-6):           L = weight * sum over N blocks of (rho_channel + rho_spatial) / 2
 
-Teacher maps are detached: only the student gets gradients.
+Teacher maps are detached: only the student gets gradients. ``backend`` (:mod:`askd.backend`) picks this
+reference (``"torch"``) or the fused op :func:`askd.ops.cosine_distill` (``"triton"``, ``"ext"``; one call
+over all maps), ``"auto"`` the fastest available; None means ``$ASKD_BACKEND`` or ``"torch"``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import backend as backends
 from ..models import check_variant
+from ..ops.cosine_distill import cosine_distill
 
 EPS = 1e-8
 MapPair = tuple[torch.Tensor, torch.Tensor]
@@ -55,10 +59,16 @@ def attention_distill_loss(
     student_maps: Sequence[MapPair],
     variant: str = "official",
     weight: float = 5.0,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """The A-SKD loss over all blocks, a scalar (fp32, or fp64 for fp64 maps)."""
     check_variant(variant)
     _check_maps(teacher_maps, student_maps)
+    name = backends.resolve_constant(backend, student_maps[0][0].device.type)
+    if name != "torch":
+        teacher = [m for pair in teacher_maps for m in pair]
+        student = [m for pair in student_maps for m in pair]
+        return cosine_distill(teacher, student, weight / 2 if variant == "paper" else weight, name)
     pairs = zip(teacher_maps, student_maps, strict=True)
     per_block = [cosine_distance(tc, sc) + cosine_distance(ts, ss) for (tc, ts), (sc, ss) in pairs]
     total = torch.stack(per_block).sum()

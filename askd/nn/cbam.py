@@ -10,12 +10,19 @@ through hooks. Shapes: x (B,C,H,W) -> y (B,C,H,W), channel_map (B,C), spatial_ma
 
 ``maps="logits"`` returns (a_c, a_s) as the authors' code distils them; ``maps="sigmoid"`` returns
 (sigmoid(a_c), sigmoid(a_s)) as the paper's text describes.
+
+``backend`` picks the implementation (:mod:`askd.backend`): ``"torch"`` runs the modules below, ``"triton"``
+and ``"ext"`` the fused op :func:`askd.ops.cbam` (same formula; its maps come back in float32, float64 for
+float64 input), ``"auto"`` the fastest available; None means ``$ASKD_BACKEND`` or ``"torch"``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .. import backend as backends
+from ..ops.cbam import cbam as cbam_op
 
 MAP_KINDS = ("logits", "sigmoid")
 
@@ -28,9 +35,17 @@ class CBAM(nn.Module):
         reduction: hidden width of the channel MLP is ``max(channels // reduction, 1)``.
         spatial_kernel: k of the spatial conv, 3 (authors' code) or 7 (paper).
         maps: ``"logits"`` (pre-sigmoid, authors' code) or ``"sigmoid"`` (paper).
+        backend: ``"torch"``, ``"triton"``, ``"ext"``, ``"auto"`` or None (``$ASKD_BACKEND``, else torch).
     """
 
-    def __init__(self, channels: int, reduction: int = 16, spatial_kernel: int = 3, maps: str = "logits"):
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        spatial_kernel: int = 3,
+        maps: str = "logits",
+        backend: str | None = None,
+    ):
         super().__init__()
         if channels < 1 or reduction < 1:
             raise ValueError(f"CBAM needs channels >= 1 and reduction >= 1, got {channels} and {reduction}")
@@ -38,8 +53,10 @@ class CBAM(nn.Module):
             raise ValueError(f"CBAM spatial_kernel must be 3 or 7, got {spatial_kernel}")
         if maps not in MAP_KINDS:
             raise ValueError(f"CBAM maps must be one of {MAP_KINDS}, got {maps!r}")
+        if backend is not None:
+            backends.check_name(backend)
         hidden = max(channels // reduction, 1)
-        self.channels, self.spatial_kernel, self.maps = channels, spatial_kernel, maps
+        self.channels, self.spatial_kernel, self.maps, self.backend = channels, spatial_kernel, maps, backend
         self.mlp = nn.Sequential(
             nn.Conv2d(channels, hidden, 1, bias=False),
             nn.ReLU(inplace=True),
@@ -50,6 +67,21 @@ class CBAM(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"CBAM({self.channels}) expects x of shape (B,{self.channels},H,W), got {tuple(x.shape)}")
+        name = backends.resolve_constant(self.backend, x.device.type)
+        if name == "torch":
+            y, a_c, a_s = self._reference(x)
+        else:
+            y, a_c, a_s = self._fused(x, name)
+        if self.maps == "sigmoid":
+            return y, torch.sigmoid(a_c), torch.sigmoid(a_s)
+        return y, a_c, a_s
+
+    def _fused(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w1, w2 = self.mlp[0].weight, self.mlp[2].weight
+        k = self.spatial_kernel
+        return cbam_op(x, w1.flatten(1), w2.flatten(1), self.spatial.weight.view(2, k, k), name)
+
+    def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         avg = x.mean(dim=(2, 3), keepdim=True)
         # max with indices (not amax) so the gradient goes to one element, as in the authors' pooling
         mx = x.flatten(2).max(dim=2).values[..., None, None]
@@ -57,11 +89,8 @@ class CBAM(nn.Module):
         x_c = x * torch.sigmoid(a_c)
         pooled = torch.cat([x_c.mean(dim=1, keepdim=True), x_c.max(dim=1, keepdim=True).values], dim=1)
         a_s = self.spatial(pooled)  # (B,1,H,W)
-        y = x_c * torch.sigmoid(a_s)
-        a_c = a_c.flatten(1)
-        if self.maps == "sigmoid":
-            return y, torch.sigmoid(a_c), torch.sigmoid(a_s)
-        return y, a_c, a_s
+        return x_c * torch.sigmoid(a_s), a_c.flatten(1), a_s
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, spatial_kernel={self.spatial_kernel}, maps={self.maps!r}"
+        backend = "" if self.backend is None else f", backend={self.backend!r}"
+        return f"channels={self.channels}, spatial_kernel={self.spatial_kernel}, maps={self.maps!r}{backend}"

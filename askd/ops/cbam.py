@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _ext
+
 Outputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
@@ -152,8 +154,7 @@ def fused_cbam(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor, backend: str) -> O
     return tuple(_impl(backend).forward(x, w1, w2, ws))
 
 
-@fused_cbam.register_fake
-def _(x, w1, w2, ws, backend):
+def _fake_forward(x, w1, w2, ws):
     B, C, H, W = x.shape
     acc = acc_dtype(x.dtype)
     return (
@@ -176,9 +177,16 @@ def fused_cbam_backward(
     return tuple(_impl(backend).backward(dy, da_c, da_s, x, w1, w2, ws, a_c, a_s, chan, idx_c, pooled, idx_s))
 
 
-@fused_cbam_backward.register_fake
-def _(dy, da_c, da_s, x, w1, w2, ws, a_c, a_s, chan, idx_c, pooled, idx_s, backend):
+def _fake_backward(dy, da_c, da_s, x, w1, w2, ws, *saved):
     return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(ws)
+
+
+fused_cbam.register_fake(lambda *args: _fake_forward(*args[:-1]))
+fused_cbam_backward.register_fake(lambda *args: _fake_backward(*args[:-1]))
+if _ext.load() is not None and hasattr(torch.ops.askd, "cbam_forward"):
+    # the compiled ops' own fakes, so torch.compile and opcheck can trace them when called directly
+    torch.library.register_fake("askd::cbam_forward")(_fake_forward)
+    torch.library.register_fake("askd::cbam_backward")(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):

@@ -23,6 +23,7 @@ import importlib
 import torch
 from torch import Tensor
 
+from .. import _ext
 from .cbam import acc_dtype
 
 EPS = 1e-8
@@ -97,8 +98,7 @@ def fused_cosine_distill(teacher: list[Tensor], student: list[Tensor], scale: fl
     return tuple(_impl(backend).forward(teacher, student, scale))
 
 
-@fused_cosine_distill.register_fake
-def _(teacher, student, scale, backend):
+def _fake_forward(teacher, student, scale):
     acc = acc_dtype(student[0].dtype)
     return student[0].new_empty((), dtype=acc), student[0].new_empty((len(student), student[0].shape[0], 3), dtype=acc)
 
@@ -111,9 +111,15 @@ def fused_cosine_distill_backward(
     return list(_impl(backend).backward(grad, teacher, student, stats, scale))
 
 
-@fused_cosine_distill_backward.register_fake
-def _(grad, teacher, student, stats, scale, backend):
+def _fake_backward(grad, teacher, student, stats, scale):
     return [torch.empty_like(s) for s in student]
+
+
+fused_cosine_distill.register_fake(lambda *args: _fake_forward(*args[:-1]))
+fused_cosine_distill_backward.register_fake(lambda *args: _fake_backward(*args[:-1]))
+if _ext.load() is not None and hasattr(torch.ops.askd, "cosine_distill_forward"):
+    torch.library.register_fake("askd::cosine_distill_forward")(_fake_forward)
+    torch.library.register_fake("askd::cosine_distill_backward")(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):

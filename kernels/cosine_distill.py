@@ -65,7 +65,9 @@ def _cosine_distill_fwd_kernel(
     tl.store(out, tl.sum(dot, axis=0))
     tl.store(out + 1, tl.sum(tt, axis=0))
     tl.store(out + 2, tl.sum(ss, axis=0))
-    # acq_rel: this program's stats are visible to whichever program sees its increment
+    # the barrier orders every thread's stores before the (single-thread) atomic, whose release makes them
+    # visible to whichever program sees its increment: the classic "last block reduces" pattern
+    tl.debug_barrier()
     done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if done == M * B - 1:
         scale = tl.load(table_ptr + 3 * M).to(tl.float64, bitcast=True).to(ACC)

@@ -24,14 +24,16 @@ from askd.ops.cbam import acc_dtype
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
-# tile sizes (upper bounds; clamped to the problem) and warps, chosen for a GPU
-_RED_ROWS, _RED_COLS = 16, 128  # a tile that reduces along its long axis
-_EW_C, _EW_P = 32, 64  # elementwise tile
+# (BLOCK_C, BLOCK_P) upper bounds, clamped to the problem, and warps, chosen for a GPU: reductions take a long
+# run along the reduced axis, the elementwise passes a square-ish tile
+_PER_CHANNEL = (16, 128)  # reduce over P
+_PER_PIXEL = (32, 64)  # reduce over C
+_ELEMENTWISE = (32, 64)
 _WARPS = 4
 
 
-def _block(n: int, cap: int) -> int:
-    return min(triton.next_power_of_2(n), cap)
+def _blocks(C: int, P: int, caps: tuple[int, int]) -> tuple[int, int]:
+    return min(triton.next_power_of_2(C), caps[0]), min(triton.next_power_of_2(P), caps[1])
 
 
 @triton.jit
@@ -204,11 +206,7 @@ def _geometry(x: Tensor) -> tuple[int, int, int, int, int, int]:
     return B, C, H * W, sb, sc, sw
 
 
-def _reduce_grid(B: int, n: int, rows: int) -> tuple[int, int]:
-    return B, triton.cdiv(n, rows)
-
-
-def _ew_grid(B: int, C: int, P: int, block_c: int, block_p: int) -> tuple[int, int, int]:
+def _elementwise_grid(B: int, C: int, P: int, block_c: int, block_p: int) -> tuple[int, int, int]:
     return B, triton.cdiv(P, block_p), triton.cdiv(C, block_c)
 
 
@@ -221,10 +219,8 @@ def forward(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> tuple[Tensor, ...]
     meta = {"ACC": _TL_ACC[acc], "num_warps": _WARPS}
     chan = x.new_empty((B, 2, C), dtype=acc)
     idx_c = x.new_empty((B, C), dtype=torch.int32)
-    rows, cols = _block(C, _RED_ROWS), _block(P, _RED_COLS)
-    _cbam_chan_pool_kernel[_reduce_grid(B, C, rows)](
-        x, chan, idx_c, C, P, sb, sc, sp, BLOCK_C=rows, BLOCK_P=cols, **meta
-    )
+    bc, bp = _blocks(C, P, _PER_CHANNEL)
+    _cbam_chan_pool_kernel[(B, triton.cdiv(C, bc))](x, chan, idx_c, C, P, sb, sc, sp, BLOCK_C=bc, BLOCK_P=bp, **meta)
 
     hidden = F.relu(chan @ w1.to(acc).t())  # (B,2,R)
     a_c = hidden.sum(dim=1) @ w2.to(acc).t()
@@ -232,15 +228,15 @@ def forward(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> tuple[Tensor, ...]
 
     pooled = x.new_empty((B, 2, H, W), dtype=acc)
     idx_s = x.new_empty((B, H, W), dtype=torch.int32)
-    rows, cols = _block(P, _RED_ROWS * 4), _block(C, _RED_COLS // 4)
-    _cbam_spatial_pool_kernel[_reduce_grid(B, P, rows)](
-        x, g_c, pooled, idx_s, C, P, sb, sc, sp, BLOCK_C=cols, BLOCK_P=rows, **meta
+    bc, bp = _blocks(C, P, _PER_PIXEL)
+    _cbam_spatial_pool_kernel[(B, triton.cdiv(P, bp))](
+        x, g_c, pooled, idx_s, C, P, sb, sc, sp, BLOCK_C=bc, BLOCK_P=bp, **meta
     )
 
     a_s = F.conv2d(pooled, ws.to(acc)[None], padding=ws.shape[-1] // 2)
     y = torch.empty_like(x)
-    bc, bp = _block(C, _EW_C), _block(P, _EW_P)
-    _cbam_apply_kernel[_ew_grid(B, C, P, bc, bp)](
+    bc, bp = _blocks(C, P, _ELEMENTWISE)
+    _cbam_apply_kernel[_elementwise_grid(B, C, P, bc, bp)](
         x, g_c, torch.sigmoid(a_s), y, C, P, sb, sc, sp, BLOCK_C=bc, BLOCK_P=bp, **meta
     )
     return y, a_c, a_s, chan, idx_c, pooled, idx_s
@@ -271,9 +267,9 @@ def backward(
     idx_c, idx_s = idx_c.contiguous(), idx_s.contiguous()
 
     dg_s = a_s.new_empty(a_s.shape)
-    rows, cols = _block(P, _RED_ROWS * 4), _block(C, _RED_COLS // 4)
-    _cbam_spatial_grad_kernel[_reduce_grid(B, P, rows)](
-        dy, x, g_c, dg_s, C, P, sb, sc, sp, BLOCK_C=cols, BLOCK_P=rows, **meta
+    bc, bp = _blocks(C, P, _PER_PIXEL)
+    _cbam_spatial_grad_kernel[(B, triton.cdiv(P, bp))](
+        dy, x, g_c, dg_s, C, P, sb, sc, sp, BLOCK_C=bc, BLOCK_P=bp, **meta
     )
     ga_s = da_s + dg_s * g_s * (1 - g_s)
     k = ws.shape[-1]
@@ -283,17 +279,17 @@ def backward(
     dpooled = dpooled.contiguous()
 
     dg_c = a_c.new_empty(a_c.shape)
-    rows, cols = _block(C, _RED_ROWS), _block(P, _RED_COLS)
-    _cbam_chan_grad_kernel[_reduce_grid(B, C, rows)](
-        dy, x, g_s, dpooled, idx_s, dg_c, C, P, sb, sc, sp, BLOCK_C=rows, BLOCK_P=cols, **meta
+    bc, bp = _blocks(C, P, _PER_CHANNEL)
+    _cbam_chan_grad_kernel[(B, triton.cdiv(C, bc))](
+        dy, x, g_s, dpooled, idx_s, dg_c, C, P, sb, sc, sp, BLOCK_C=bc, BLOCK_P=bp, **meta
     )
     ga_c = da_c + dg_c * g_c * (1 - g_c)
     dchan, dw1, dw2 = _mlp_backward(ga_c, chan, w1.to(acc), w2.to(acc))
     dchan = dchan.contiguous()
 
     dx = torch.empty_like(x)
-    bc, bp = _block(C, _EW_C), _block(P, _EW_P)
-    _cbam_dx_kernel[_ew_grid(B, C, P, bc, bp)](
+    bc, bp = _blocks(C, P, _ELEMENTWISE)
+    _cbam_dx_kernel[_elementwise_grid(B, C, P, bc, bp)](
         dy, x, g_c, g_s, dpooled, idx_s, dchan, idx_c, dx, C, P, sb, sc, sp, BLOCK_C=bc, BLOCK_P=bp, **meta
     )
     return dx, dw1.to(w1.dtype), dw2.to(w2.dtype), dws[0].to(ws.dtype)

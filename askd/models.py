@@ -47,5 +47,7 @@ def create(name: str, variant: str = "official", embedding_size: int = 512, **kw
     if name not in ARCHS:
         raise ValueError(f"unknown model {name!r}; expected one of {names()}")
     blocks, widths, reduction = ARCHS[name]
-    cbam = dict(VARIANTS[check_variant(variant)], reduction=kw.pop("reduction", reduction), backend=kw.pop("backend", None))
+    cbam = dict(
+        VARIANTS[check_variant(variant)], reduction=kw.pop("reduction", reduction), backend=kw.pop("backend", None)
+    )
     return IResNetCBAM(blocks, widths, embedding_size=embedding_size, cbam=cbam, **kw)

@@ -59,12 +59,20 @@ def test_auto_falls_back_to_torch(monkeypatch):
     assert backend.describe_fallback("cuda") == "auto -> torch on cuda; triton skipped: no; ext skipped: no"
 
 
-def test_no_fused_kernels_yet():
-    # flips once kernels land in kernels/ or csrc/; then update this test
-    reasons = backend.availability("cpu")
-    assert reasons["torch"] is None
-    assert reasons["ext"] and reasons["triton"]
+def test_auto_on_cpu_is_ext_when_built_and_never_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "availability", lambda device: {"torch": None, "triton": None, "ext": None})
+    assert backend.resolve("auto", "cpu") == "ext"
+    monkeypatch.setattr(backend, "availability", lambda device: {"torch": None, "triton": None, "ext": "no"})
     assert backend.resolve("auto", "cpu") == "torch"
+
+
+def test_ext_reason_names_missing_kernels(monkeypatch):
+    monkeypatch.setattr(backend, "_ext_has", lambda op, device_type: op != "cbam")
+    reason = backend.availability("cpu")["ext"]
+    if backend._ext.load() is None:
+        pytest.skip(f"askd._C not built: {reason}")
+    assert reason == "askd._C has no cpu kernels for: cbam"
 
 
 def test_triton_reasons(monkeypatch):

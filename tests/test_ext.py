@@ -80,14 +80,14 @@ def test_cbam_forward_and_backward_match_contract(shape, layout):
     x, w1, w2, ws = inputs(shape, layout=layout)
     want = cbam_forward_ref(x, w1, w2, ws)
     got = torch.ops.askd.cbam_forward(x, w1, w2, ws)
-    for name, g, w in zip(FORWARD_NAMES, got, want):
+    for name, g, w in zip(FORWARD_NAMES, got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype, name
         assert_close(name, g, w, x.dtype)
     assert got[0].is_contiguous(memory_format=layout)
     grads = grads_in(x, want[1])
     want = cbam_backward_ref(*grads, x, w1, w2, ws, *want[1:])
     got = torch.ops.askd.cbam_backward(*grads, x, w1, w2, ws, *got[1:])
-    for name, g, w in zip(GRAD_NAMES, got, want):
+    for name, g, w in zip(GRAD_NAMES, got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype, name
         assert_close(name, g, w, x.dtype)
     assert got[0].is_contiguous(memory_format=layout)
@@ -98,7 +98,7 @@ def test_cbam_forward_and_backward_match_contract(shape, layout):
 def test_cbam_dtypes(dtype, layout):
     x, w1, w2, ws = inputs((2, 24, 9, 11, 3, 3), dtype, layout)
     want, got = cbam_forward_ref(x, w1, w2, ws), torch.ops.askd.cbam_forward(x, w1, w2, ws)
-    for name, g, w in zip(FORWARD_NAMES, got, want):
+    for name, g, w in zip(FORWARD_NAMES, got, want, strict=True):
         if name == "y":
             assert g.dtype == dtype
         if name.startswith("idx") and dtype != torch.float64:
@@ -109,6 +109,7 @@ def test_cbam_dtypes(dtype, layout):
         GRAD_NAMES,
         torch.ops.askd.cbam_backward(*grads, x, w1, w2, ws, *want[1:]),
         cbam_backward_ref(*grads, x, w1, w2, ws, *want[1:]),
+        strict=True,
     ):
         assert_close(name, g, w, dtype)
 
@@ -139,7 +140,7 @@ def test_module_ext_matches_module_torch(k, maps, layout):
         loss = (y * torch.cos(y)).sum() + (a_c**2).sum() + a_s.sin().sum()
         grads.append(torch.autograd.grad(loss, [xi, *m.parameters()]))
         outs.append((y, a_c, a_s))
-    for a, b in zip(outs[0] + grads[0], outs[1] + grads[1]):
+    for a, b in zip(outs[0] + grads[0], outs[1] + grads[1], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * max(a.abs().max().item(), 1.0))
 
 
@@ -149,7 +150,7 @@ def test_public_op_accepts_non_contiguous_input():
     assert not xs.is_contiguous() and not xs.is_contiguous(memory_format=torch.channels_last)
     got = cbam(xs, w1, w2.t().contiguous().t(), ws, "ext")
     want = cbam_ref(xs, w1, w2, ws)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
@@ -182,7 +183,7 @@ def test_loss_matches_contract(dtype):
     teacher[4] = torch.zeros_like(teacher[4])  # the eps branch: a zero teacher row
     want = cosine_distill_forward_ref(teacher, student, 2.5)
     got = torch.ops.askd.cosine_distill_forward(teacher, student, 2.5)
-    for name, g, w in zip(("loss", "stats"), got, want):
+    for name, g, w in zip(("loss", "stats"), got, want, strict=True):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert_close(name, g, w, dtype)
     grad = torch.tensor(0.7, dtype=want[0].dtype)
@@ -190,6 +191,7 @@ def test_loss_matches_contract(dtype):
         zip(
             torch.ops.askd.cosine_distill_backward(grad, teacher, student, want[1], 2.5),
             cosine_distill_backward_ref(grad, teacher, student, want[1], 2.5),
+            strict=True,
         )
     ):
         assert g.dtype == dtype and g.shape == w.shape
@@ -206,7 +208,7 @@ def test_loss_through_public_api_matches_reference(variant):
         loss = attention_distill_loss(pairs[0], student, variant, 5.0, backend=name)
         grads.append((loss, torch.autograd.grad(loss, [m for p in student for m in p])))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads[0][1], grads[1][1]):
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
@@ -223,7 +225,9 @@ def test_loss_opcheck():
     teacher, student = maps_for(LOSS_SHAPES[:3]), maps_for(LOSS_SHAPES[:3], seed=1)
     torch.library.opcheck(torch.ops.askd.cosine_distill_forward.default, (teacher, student, 5.0))
     loss, stats = torch.ops.askd.cosine_distill_forward(teacher, student, 5.0)
-    torch.library.opcheck(torch.ops.askd.cosine_distill_backward.default, (torch.ones(()), teacher, student, stats, 5.0))
+    torch.library.opcheck(
+        torch.ops.askd.cosine_distill_backward.default, (torch.ones(()), teacher, student, stats, 5.0)
+    )
     torch.library.opcheck(fused_cosine_distill, (teacher, [s.requires_grad_() for s in student], 5.0, "ext"))
 
 

@@ -20,9 +20,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not importable: the Triton kernels cannot be tested")
 
-import askd.ops  # noqa: E402
-from askd.ops.cbam import cbam_backward_ref, cbam_forward_ref, fused_cbam  # noqa: E402
+from askd.ops.cbam import cbam, cbam_backward_ref, cbam_forward_ref, fused_cbam  # noqa: E402
 from askd.ops.cosine_distill import (  # noqa: E402
+    cosine_distill,
     cosine_distill_backward_ref,
     cosine_distill_forward_ref,
     cosine_distill_ref,
@@ -122,7 +122,7 @@ def test_cbam_public_op_noncontiguous_input():
     for backend in ("triton", "reference"):
         xt = x.transpose(2, 3).detach().requires_grad_()
         params = [w.clone().requires_grad_() for w in (w1, w2, ws)]
-        y, a_c, a_s = askd.ops.cbam(xt, *params, backend)
+        y, a_c, a_s = cbam(xt, *params, backend)
         (y.square().sum() + a_c.sin().sum() + a_s.cos().sum()).backward()
         results.append((y, a_c, a_s, xt.grad, *(p.grad for p in params)))
     for name, a, e in zip(("y", "a_c", "a_s", "dx", "dw1", "dw2", "dws"), *results, strict=True):
@@ -165,7 +165,7 @@ def test_distill_matches_reference(B, dtype):
 def test_distill_public_op_autograd():
     teacher, student = distill_maps(2, torch.float32)
     results = []
-    for fn in (lambda t, s: askd.ops.cosine_distill(t, s, 0.25, "triton"), lambda t, s: cosine_distill_ref(t, s, 0.25)):
+    for fn in (lambda t, s: cosine_distill(t, s, 0.25, "triton"), lambda t, s: cosine_distill_ref(t, s, 0.25)):
         leaves = [s.clone().requires_grad_() for s in student]
         loss = fn(teacher, leaves)
         loss.backward()
@@ -185,8 +185,8 @@ def test_compile_fullgraph_with_backward():
     teacher = [torch.randn(2, 13), torch.randn(2, 1, 7, 5)]
 
     def step(x, w1, w2, ws):
-        y, a_c, a_s = askd.ops.cbam(x, w1, w2, ws, "triton")
-        return askd.ops.cosine_distill(teacher, [a_c, a_s], 0.5, "triton") + y.square().mean()
+        y, a_c, a_s = cbam(x, w1, w2, ws, "triton")
+        return cosine_distill(teacher, [a_c, a_s], 0.5, "triton") + y.square().mean()
 
     grads = []
     for fn in (torch.compile(step, fullgraph=True), step):

@@ -43,7 +43,10 @@ def cosine_distill_ref(teacher: list[Tensor], student: list[Tensor], scale: floa
 def cosine_distill_forward_ref(teacher: list[Tensor], student: list[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     """The forward contract: (loss (), stats (M,B,3)) as in the module docstring."""
     acc = acc_dtype(student[0].dtype)
-    rows = [(t.reshape(t.shape[0], -1).to(acc), s.reshape(s.shape[0], -1).to(acc)) for t, s in zip(teacher, student)]
+    rows = [
+        (t.reshape(t.shape[0], -1).to(acc), s.reshape(s.shape[0], -1).to(acc))
+        for t, s in zip(teacher, student, strict=True)
+    ]
     stats = torch.stack([torch.stack([(t * s).sum(1), (t * t).sum(1), (s * s).sum(1)], dim=1) for t, s in rows])
     cos = stats[..., 0] / (stats[..., 1].sqrt() * stats[..., 2].sqrt()).clamp_min(EPS)
     return scale * (1 - cos).mean(dim=1).sum(), stats
@@ -54,7 +57,7 @@ def cosine_distill_backward_ref(
 ) -> list[Tensor]:
     """The backward contract: d loss / d student map, each like its student map."""
     out = []
-    for j, (t, s) in enumerate(zip(teacher, student)):
+    for j, (t, s) in enumerate(zip(teacher, student, strict=True)):
         acc = stats.dtype
         tf, sf = t.reshape(t.shape[0], -1).to(acc), s.reshape(s.shape[0], -1).to(acc)
         dot, tt, ss = stats[j].unbind(dim=1)
@@ -93,7 +96,9 @@ def _impl(backend: str):
 
 
 @torch.library.custom_op("askd::fused_cosine_distill", mutates_args=())
-def fused_cosine_distill(teacher: list[Tensor], student: list[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor]:
+def fused_cosine_distill(
+    teacher: list[Tensor], student: list[Tensor], scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
     """Fused loss forward through ``backend``: (loss (), stats (M,B,3))."""
     return tuple(_impl(backend).forward(teacher, student, scale))
 
@@ -155,9 +160,11 @@ def cosine_distill(teacher: list[Tensor], student: list[Tensor], scale: float, b
 def check_maps(teacher: list[Tensor], student: list[Tensor]) -> None:
     """Raise a ValueError naming the map and what was wrong (count, shape, batch, dtype, device)."""
     if len(teacher) != len(student) or not student:
-        raise ValueError(f"fused loss: need as many teacher as student maps (> 0), got {len(teacher)} and {len(student)}")
+        raise ValueError(
+            f"fused loss: need as many teacher as student maps (> 0), got {len(teacher)} and {len(student)}"
+        )
     batch, device = student[0].shape[0] if student[0].dim() else None, student[0].device
-    for j, (t, s) in enumerate(zip(teacher, student)):
+    for j, (t, s) in enumerate(zip(teacher, student, strict=True)):
         if t.shape != s.shape:
             raise ValueError(f"fused loss: map {j}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
         if s.dim() < 2 or s.shape[0] != batch:

@@ -5,7 +5,13 @@
 
 #pragma once
 
+// ASKD_MINIMAL_ATEN (set by the CUDA sources): only the Tensor class, not every operator's declaration; the
+// including file then names the per-operator headers it uses, which keeps nvcc builds fast.
+#ifdef ASKD_MINIMAL_ATEN
+#include <ATen/core/Tensor.h>
+#else
 #include <ATen/ATen.h>
+#endif
 
 #include <string>
 #include <vector>

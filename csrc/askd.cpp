@@ -56,6 +56,11 @@ TORCH_LIBRARY(askd, m) {
   m.def(
       "cosine_distill_backward(Tensor grad, Tensor[] teacher, Tensor[] student, Tensor stats, float scale) "
       "-> Tensor[]");
+  // forward and the student gradients (for a unit upstream gradient) in one pass, each row still in cache;
+  // CPU only: there the backward pass would read every map again for nothing
+  m.def(
+      "cosine_distill_forward_grad(Tensor[] teacher, Tensor[] student, float scale) -> (Tensor loss, Tensor stats, "
+      "Tensor[] dstudent)");
 }
 
 // Empty on purpose: importing the module only has to load the library so TORCH_LIBRARY runs.

@@ -228,7 +228,18 @@ def test_loss_opcheck():
     torch.library.opcheck(
         torch.ops.askd.cosine_distill_backward.default, (torch.ones(()), teacher, student, stats, 5.0)
     )
-    torch.library.opcheck(fused_cosine_distill, (teacher, [s.requires_grad_() for s in student], 5.0, "ext"))
+    torch.library.opcheck(torch.ops.askd.cosine_distill_forward_grad.default, (teacher, student, 5.0))
+    for with_grad in (False, True):  # autograd lives in an autograd.Function around the op, not on it
+        torch.library.opcheck(fused_cosine_distill, (teacher, student, 5.0, "ext", with_grad))
+
+
+def test_loss_gradients_from_the_forward_pass_scale_with_the_upstream_gradient():
+    teacher, student = maps_for(LOSS_SHAPES[:3]), [m.requires_grad_() for m in maps_for(LOSS_SHAPES[:3], seed=1)]
+    for upstream in (1.0, -2.5):  # 1.0 hands the forward's gradients over as they are
+        got = torch.autograd.grad(upstream * cosine_distill(teacher, student, 5.0, "ext"), student)
+        want = torch.autograd.grad(upstream * cosine_distill_ref(teacher, student, 5.0), student)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(

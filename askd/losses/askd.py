@@ -44,6 +44,7 @@ def _check_maps(teacher_maps: Sequence[MapPair], student_maps: Sequence[MapPair]
             f"teacher and student must give the same non-zero number of CBAM blocks, "
             f"got {len(teacher_maps)} and {len(student_maps)}"
         )
+    batch = student_maps[0][0].shape[0] if student_maps[0] and student_maps[0][0].dim() else None
     for i, (tp, sp) in enumerate(zip(teacher_maps, student_maps, strict=True)):
         if len(tp) != 2 or len(sp) != 2:
             raise ValueError(f"block {i}: expected a (channel_map, spatial_map) pair from each model")
@@ -52,6 +53,11 @@ def _check_maps(teacher_maps: Sequence[MapPair], student_maps: Sequence[MapPair]
                 raise ValueError(f"block {i} {kind} map: teacher {tuple(t.shape)} != student {tuple(s.shape)}")
             if t.device != s.device:
                 raise ValueError(f"block {i} {kind} map: teacher on {t.device}, student on {s.device}")
+            if s.dim() < 2 or s.shape[0] != batch or not (t.is_floating_point() and s.is_floating_point()):
+                raise ValueError(
+                    f"block {i} {kind} map: expected floating-point maps of shape (B={batch}, ...), "
+                    f"got {tuple(s.shape)} {s.dtype} (teacher {t.dtype})"
+                )
 
 
 def attention_distill_loss(
@@ -68,7 +74,7 @@ def attention_distill_loss(
     if name != "torch":
         teacher = [m for pair in teacher_maps for m in pair]
         student = [m for pair in student_maps for m in pair]
-        return cosine_distill(teacher, student, weight / 2 if variant == "paper" else weight, name)
+        return cosine_distill(teacher, student, weight / 2 if variant == "paper" else weight, name, checked=True)
     pairs = zip(teacher_maps, student_maps, strict=True)
     per_block = [cosine_distance(tc, sc) + cosine_distance(ts, ss) for (tc, ts), (sc, ss) in pairs]
     total = torch.stack(per_block).sum()

@@ -84,6 +84,10 @@ class _Ext:
     def backward(*args):
         return torch.ops.askd.cosine_distill_backward(*args)
 
+    @staticmethod
+    def forward_grad(*args):
+        return torch.ops.askd.cosine_distill_forward_grad(*args)
+
 
 def _impl(backend: str):
     if backend == "reference":
@@ -95,17 +99,38 @@ def _impl(backend: str):
     raise ValueError(f"fused distillation loss has no backend {backend!r}; expected triton, ext or reference")
 
 
+def grads_in_forward(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` computes the student gradients in the forward pass on ``device`` (ext on a CPU:
+    there a separate backward pass would read every map again for nothing)."""
+    return backend == "ext" and device.type == "cpu" and hasattr(torch.ops.askd, "cosine_distill_forward_grad")
+
+
 @torch.library.custom_op("askd::fused_cosine_distill", mutates_args=())
 def fused_cosine_distill(
-    teacher: list[Tensor], student: list[Tensor], scale: float, backend: str
-) -> tuple[Tensor, Tensor]:
-    """Fused loss forward through ``backend``: (loss (), stats (M,B,3))."""
-    return tuple(_impl(backend).forward(teacher, student, scale))
+    teacher: list[Tensor], student: list[Tensor], scale: float, backend: str, with_grad: bool
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Fused loss forward through ``backend``: (loss (), stats (M,B,3), dstudent).
+
+    dstudent holds d loss / d student for a unit upstream gradient when ``with_grad`` and
+    :func:`grads_in_forward`; otherwise it is empty and backward runs the backend's backward kernel.
+    """
+    impl = _impl(backend)
+    if with_grad and grads_in_forward(backend, student[0].device):
+        loss, stats, dstudent = impl.forward_grad(teacher, student, scale)
+        return loss, stats, list(dstudent)
+    loss, stats = impl.forward(teacher, student, scale)
+    return loss, stats, []
 
 
 def _fake_forward(teacher, student, scale):
     acc = acc_dtype(student[0].dtype)
     return student[0].new_empty((), dtype=acc), student[0].new_empty((len(student), student[0].shape[0], 3), dtype=acc)
+
+
+@fused_cosine_distill.register_fake
+def _(teacher, student, scale, backend, with_grad):
+    grads = [torch.empty_like(s) for s in student] if with_grad and grads_in_forward(backend, student[0].device) else []
+    return (*_fake_forward(teacher, student, scale), grads)
 
 
 @torch.library.custom_op("askd::fused_cosine_distill_backward", mutates_args=())
@@ -120,41 +145,62 @@ def _fake_backward(grad, teacher, student, stats, scale):
     return [torch.empty_like(s) for s in student]
 
 
-fused_cosine_distill.register_fake(lambda *args: _fake_forward(*args[:-1]))
 fused_cosine_distill_backward.register_fake(lambda *args: _fake_backward(*args[:-1]))
 if _ext.load() is not None and hasattr(torch.ops.askd, "cosine_distill_forward"):
     torch.library.register_fake("askd::cosine_distill_forward")(_fake_forward)
     torch.library.register_fake("askd::cosine_distill_backward")(_fake_backward)
+    torch.library.register_fake("askd::cosine_distill_forward_grad")(
+        lambda t, s, scale: (*_fake_forward(t, s, scale), [torch.empty_like(m) for m in s])
+    )
 
 
-def _setup_context(ctx, inputs, output):
-    teacher, student, ctx.scale, ctx.backend = inputs
-    ctx.save_for_backward(*teacher, *student, output[1])
-    ctx.num_maps = len(teacher)
+class _CosineDistill(torch.autograd.Function):
+    """Autograd of the fused loss. A plain autograd.Function, not ``register_autograd`` on the custom op:
+    with ~100 tensor arguments the custom-op autograd wrapper alone costs about as much as the CPU kernels.
+    torch.compile traces it whole (both ops inside have fake kernels)."""
+
+    @staticmethod
+    def forward(ctx, scale: float, backend: str, m: int, *maps: Tensor) -> Tensor:
+        teacher, student = list(maps[:m]), list(maps[m:])
+        with_grad = any(ctx.needs_input_grad[3 + m :])
+        loss, stats, dstudent = fused_cosine_distill(teacher, student, scale, backend, with_grad)
+        ctx.scale, ctx.backend, ctx.m, ctx.grads_saved = scale, backend, m, bool(dstudent)
+        ctx.save_for_backward(*(dstudent if dstudent else (*teacher, *student, stats)))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        saved, m = ctx.saved_tensors, ctx.m
+        if not ctx.grads_saved:
+            dstudent = fused_cosine_distill_backward(
+                grad, list(saved[:m]), list(saved[m:-1]), saved[-1], ctx.scale, ctx.backend
+            )
+        elif not torch.compiler.is_compiling() and grad.device.type == "cpu" and grad.item() == 1.0:
+            dstudent = saved  # the usual case: the loss enters a sum, so the forward's gradients are final
+        else:
+            dstudent = torch._foreach_mul(list(saved), grad)
+        return (None, None, None, *([None] * m), *dstudent)
 
 
-def _backward(ctx, grad, _):
-    saved, m = ctx.saved_tensors, ctx.num_maps
-    teacher, student, stats = list(saved[:m]), list(saved[m : 2 * m]), saved[-1]
-    dstudent = fused_cosine_distill_backward(grad, teacher, student, stats, ctx.scale, ctx.backend)
-    return [None] * m, dstudent, None, None
-
-
-fused_cosine_distill.register_autograd(_backward, setup_context=_setup_context)
-
-
-def cosine_distill(teacher: list[Tensor], student: list[Tensor], scale: float, backend: str) -> Tensor:
+def cosine_distill(
+    teacher: list[Tensor], student: list[Tensor], scale: float, backend: str, checked: bool = False
+) -> Tensor:
     """The fused loss through ``backend`` (``triton``, ``ext`` or ``reference``): a 0-dim acc tensor.
 
-    Maps of mixed dtypes are first cast to one (the promotion of all of them); teacher maps are detached.
+    Maps of mixed dtypes are first cast to one (the promotion of all of them); teacher maps get no gradient.
+    ``checked=True`` skips :func:`check_maps` for a caller that has validated the maps already.
     """
-    check_maps(teacher, student)
+    if not checked:
+        check_maps(teacher, student)
     dtype = student[0].dtype
-    for m in (*teacher, *student):
-        dtype = torch.promote_types(dtype, m.dtype)
-    teacher = [t.detach().to(dtype).contiguous() for t in teacher]
-    student = [s.to(dtype).contiguous() for s in student]
-    return fused_cosine_distill(teacher, student, float(scale), backend)[0]
+    if any(m.dtype != dtype for m in (*teacher, *student)):
+        for m in (*teacher, *student):
+            dtype = torch.promote_types(dtype, m.dtype)
+        teacher, student = [t.to(dtype) for t in teacher], [s.to(dtype) for s in student]
+    # the kernels read rows of contiguous maps; CBAM's maps already are, so this is usually a no-op
+    teacher = [t if t.is_contiguous() else t.contiguous() for t in teacher]
+    student = [s if s.is_contiguous() else s.contiguous() for s in student]
+    return _CosineDistill.apply(float(scale), backend, len(teacher), *teacher, *student)
 
 
 def check_maps(teacher: list[Tensor], student: list[Tensor]) -> None:

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "simd.h"
 
 namespace askd {
 namespace {
@@ -44,9 +45,48 @@ struct Batch {
   int32_t *idx_c, *idx_s;
 };
 
+// sum, max and first argmax of f(i) over i in [0, n). Lanes of kLanes independent running (sum, max, arg)
+// vectorise without reassociating anything; the first index among the lanes holding the maximum is then the
+// first index overall, since each lane keeps its own first maximum. The tail runs in order after the lanes.
+constexpr int64_t kLanes = 16;
+
+template <typename acc_t, typename F>
+ASKD_INLINE void sum_max_argmax(int64_t n, F f, acc_t* sum_out, acc_t* max_out, int32_t* arg_out) {
+  acc_t s = 0, m = -std::numeric_limits<acc_t>::infinity();
+  int32_t arg = 0;
+  const int64_t full = n - n % kLanes;
+  if (full > 0) {
+    acc_t ls[kLanes], lm[kLanes];
+    int32_t la[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) ls[l] = 0, lm[l] = m, la[l] = static_cast<int32_t>(l);
+    for (int64_t i0 = 0; i0 < full; i0 += kLanes) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const acc_t v = f(i0 + l);
+        ls[l] += v;
+        const bool gt = v > lm[l];
+        lm[l] = gt ? v : lm[l];
+        la[l] = gt ? static_cast<int32_t>(i0 + l) : la[l];
+      }
+    }
+    arg = la[0];
+    m = lm[0];
+    for (int64_t l = 0; l < kLanes; ++l) {
+      s += ls[l];
+      if (lm[l] > m || (lm[l] == m && la[l] < arg)) m = lm[l], arg = la[l];
+    }
+  }
+  for (int64_t i = full; i < n; ++i) {
+    const acc_t v = f(i);
+    s += v;
+    if (v > m) m = v, arg = static_cast<int32_t>(i);
+  }
+  *sum_out = s, *max_out = m, *arg_out = arg;
+}
+
 // relu(w1 @ v) for v (C) -> h (R)
 template <typename acc_t>
-void mlp_hidden(const acc_t* w1, const acc_t* v, acc_t* h, const Geom& g) {
+ASKD_INLINE void mlp_hidden(const acc_t* w1, const acc_t* v, acc_t* h, const Geom& g) {
   for (int64_t r = 0; r < g.R; ++r) {
     const acc_t* row = w1 + r * g.C;
     acc_t s = 0;
@@ -58,7 +98,7 @@ void mlp_hidden(const acc_t* w1, const acc_t* v, acc_t* h, const Geom& g) {
 
 // a_s = conv_k(pooled) with zero padding k/2: one tap at a time over the rows and columns it reaches.
 template <typename acc_t>
-void spatial_conv(const acc_t* ws, const acc_t* pooled, acc_t* a_s, const Geom& g) {
+ASKD_INLINE void spatial_conv(const acc_t* ws, const acc_t* pooled, acc_t* a_s, const Geom& g) {
   const int64_t pad = g.k / 2;
   std::fill(a_s, a_s + g.HW, acc_t(0));
   for (int64_t ch = 0; ch < 2; ++ch) {
@@ -81,7 +121,7 @@ void spatial_conv(const acc_t* ws, const acc_t* pooled, acc_t* a_s, const Geom& 
 
 // The transpose of spatial_conv: dpooled (2,HW) from ga (HW); and this sample's dws term (2,k,k).
 template <typename acc_t>
-void spatial_conv_backward(const acc_t* ws, const acc_t* pooled, const acc_t* ga, acc_t* dpooled, acc_t* dws,
+ASKD_INLINE void spatial_conv_backward(const acc_t* ws, const acc_t* pooled, const acc_t* ga, acc_t* dpooled, acc_t* dws,
                            const Geom& g) {
   const int64_t pad = g.k / 2;
   std::fill(dpooled, dpooled + 2 * g.HW, acc_t(0));
@@ -111,7 +151,7 @@ void spatial_conv_backward(const acc_t* ws, const acc_t* pooled, const acc_t* ga
 
 // chan (2C) = [mean_p x, max_p x] and idx_c (C) = first argmax over p.
 template <typename scalar_t, typename acc_t, bool CL>
-void channel_pool(const scalar_t* x, acc_t* chan, int32_t* idx, const Geom& g) {
+ASKD_INLINE void channel_pool(const scalar_t* x, acc_t* chan, int32_t* idx, const Geom& g) {
   acc_t* sum = chan;
   acc_t* mx = chan + g.C;
   if constexpr (CL) {
@@ -132,18 +172,7 @@ void channel_pool(const scalar_t* x, acc_t* chan, int32_t* idx, const Geom& g) {
   } else {
     for (int64_t c = 0; c < g.C; ++c) {
       const scalar_t* row = x + c * g.HW;
-      acc_t s = 0, m = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(+ : s) reduction(max : m)
-      for (int64_t p = 0; p < g.HW; ++p) {
-        const acc_t v = static_cast<acc_t>(row[p]);
-        s += v;
-        m = v > m ? v : m;
-      }
-      int64_t first = 0;
-      while (first < g.HW - 1 && static_cast<acc_t>(row[first]) != m) ++first;
-      sum[c] = s;
-      mx[c] = m;
-      idx[c] = static_cast<int32_t>(first);
+      sum_max_argmax<acc_t>(g.HW, [row](int64_t p) { return static_cast<acc_t>(row[p]); }, sum + c, mx + c, idx + c);
     }
   }
   for (int64_t c = 0; c < g.C; ++c) sum[c] /= static_cast<acc_t>(g.HW);
@@ -151,25 +180,16 @@ void channel_pool(const scalar_t* x, acc_t* chan, int32_t* idx, const Geom& g) {
 
 // pooled (2,HW) = [mean_c x*gc, max_c x*gc] and idx (HW) = first argmax over c.
 template <typename scalar_t, typename acc_t, bool CL>
-void spatial_pool(const scalar_t* x, const acc_t* gc, acc_t* pooled, int32_t* idx, const Geom& g) {
+ASKD_INLINE void spatial_pool(const scalar_t* x, const acc_t* gc, acc_t* pooled, int32_t* idx, const Geom& g) {
   acc_t* mean = pooled;
   acc_t* mx = pooled + g.HW;
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(g.C);
   if constexpr (CL) {
     for (int64_t p = 0; p < g.HW; ++p) {
       const scalar_t* row = x + p * g.C;
-      acc_t s = 0, m = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(+ : s) reduction(max : m)
-      for (int64_t c = 0; c < g.C; ++c) {
-        const acc_t v = static_cast<acc_t>(row[c]) * gc[c];
-        s += v;
-        m = v > m ? v : m;
-      }
-      int64_t first = 0;  // the row is in L1: a second scan is cheaper than a vector argmax
-      while (first < g.C - 1 && static_cast<acc_t>(row[first]) * gc[first] != m) ++first;
-      mean[p] = s * inv_c;
-      mx[p] = m;
-      idx[p] = static_cast<int32_t>(first);
+      auto xc = [row, gc](int64_t c) { return static_cast<acc_t>(row[c]) * gc[c]; };
+      sum_max_argmax<acc_t>(g.C, xc, mean + p, mx + p, idx + p);
+      mean[p] *= inv_c;
     }
   } else {
     std::fill(mean, mean + g.HW, acc_t(0));
@@ -192,7 +212,7 @@ void spatial_pool(const scalar_t* x, const acc_t* gc, acc_t* pooled, int32_t* id
 }
 
 template <typename scalar_t, typename acc_t, bool CL>
-void forward_sample(const Batch<scalar_t, acc_t>& t, scalar_t* y, int64_t b, const Geom& g, std::vector<acc_t>& buf) {
+ASKD_CPU_CLONES void forward_sample(const Batch<scalar_t, acc_t>& t, scalar_t* y, int64_t b, const Geom& g, std::vector<acc_t>& buf) {
   const int64_t n = g.C * g.HW;
   const scalar_t* x = t.x + b * n;
   acc_t* chan = t.chan + b * 2 * g.C;
@@ -293,7 +313,7 @@ struct WeightTerms {
 };
 
 template <typename scalar_t, typename acc_t, bool CL>
-void backward_sample(const Batch<scalar_t, acc_t>& t, const scalar_t* dy_all, const acc_t* da_c, const acc_t* da_s,
+ASKD_CPU_CLONES void backward_sample(const Batch<scalar_t, acc_t>& t, const scalar_t* dy_all, const acc_t* da_c, const acc_t* da_s,
                      scalar_t* dx_all, const WeightTerms<acc_t>& wt, int64_t b, const Geom& g,
                      std::vector<acc_t>& buf) {
   const int64_t n = g.C * g.HW;

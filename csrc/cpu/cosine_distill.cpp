@@ -2,8 +2,8 @@
 //
 // Tasks are (map, sample) rows, run in parallel; each row's dot(t,s), |t|^2, |s|^2 is an `omp simd`
 // reduction in acc (float, double for double). The loss is then summed over the stats in a fixed order, so
-// it does not depend on the thread count. Backward writes each student row once. No map is copied unless
-// it is not contiguous.
+// it does not depend on the thread count. Backward writes each student row once; forward_grad writes it in
+// the forward pass instead, right after the row's statistics. No map is copied unless it is not contiguous.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "simd.h"
 
 namespace askd {
 namespace {
@@ -39,7 +40,7 @@ inline acc_t cosine(const acc_t* st, acc_t* n) {
 
 // (dot(t,s), |t|^2, |s|^2) of one row of D values
 template <typename scalar_t, typename acc_t>
-void row_stats(const scalar_t* t, const scalar_t* s, int64_t D, acc_t* out) {
+ASKD_CPU_CLONES void row_stats(const scalar_t* t, const scalar_t* s, int64_t D, acc_t* out) {
   acc_t dot = 0, tt = 0, ss = 0;
 #pragma omp simd reduction(+ : dot, tt, ss)
   for (int64_t d = 0; d < D; ++d) {
@@ -53,10 +54,65 @@ void row_stats(const scalar_t* t, const scalar_t* s, int64_t D, acc_t* out) {
 
 // ds = ct * t + cs * s for one row
 template <typename scalar_t, typename acc_t>
-void row_grad(const scalar_t* t, const scalar_t* s, scalar_t* ds, int64_t D, acc_t ct, acc_t cs) {
+ASKD_CPU_CLONES void row_grad(const scalar_t* t, const scalar_t* s, scalar_t* ds, int64_t D, acc_t ct, acc_t cs) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d)
     ds[d] = static_cast<scalar_t>(ct * static_cast<acc_t>(t[d]) + cs * static_cast<acc_t>(s[d]));
+}
+
+// d loss / d s of row i for upstream gradient g: ds = ct * t + cs * s
+template <typename acc_t>
+inline void grad_coefficients(const acc_t* st, double g, double scale, int64_t B, acc_t* ct, acc_t* cs) {
+  const acc_t coef = static_cast<acc_t>(-g * scale / static_cast<double>(B));
+  acc_t n;
+  cosine(st, &n);
+  // d cos / d s = t/n - dot/(n |s|^2) s above the clamp, t/eps below it (the clamp has no gradient)
+  const bool big = n > static_cast<acc_t>(kEps);
+  *ct = coef / (big ? n : static_cast<acc_t>(kEps));
+  *cs = big ? -coef * st[0] / (n * st[2]) : acc_t(0);
+}
+
+// scale * sum_j mean_b (1 - cos), summed in a fixed order
+template <typename acc_t>
+acc_t loss_from_stats(const acc_t* st, int64_t M, int64_t B, double scale) {
+  acc_t total = 0;
+  for (int64_t j = 0; j < M; ++j) {
+    acc_t per_map = 0, n;
+    for (int64_t b = 0; b < B; ++b) per_map += acc_t(1) - cosine(st + 3 * (j * B + b), &n);
+    total += per_map / static_cast<acc_t>(B);
+  }
+  return static_cast<acc_t>(scale) * total;
+}
+
+// Forward over all (map, sample) rows; with `grads` non-empty, each row's gradient is written right after its
+// statistics, while the row is still in cache.
+std::tuple<Tensor, Tensor> forward_rows(const std::vector<Tensor>& teacher, const std::vector<Tensor>& student,
+                                        double scale, std::vector<Tensor>& grads) {
+  const int64_t M = static_cast<int64_t>(student.size()), B = student[0].size(0);
+  const auto acc = student[0].options().dtype(acc_type(student[0].scalar_type()));
+  Tensor stats = at::empty({M, B, 3}, acc);
+  Tensor loss = at::empty({}, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student[0].scalar_type(), "cosine_distill_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* st = stats.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, M * B, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        // sample-major task order: a thread's contiguous range then spans every map, so the big stage-1 maps
+        // do not all land on one thread
+        const int64_t b = i / M, j = i % M, r = j * B + b, D = student[j].numel() / B;
+        const scalar_t* t = teacher[j].const_data_ptr<scalar_t>() + b * D;
+        const scalar_t* s = student[j].const_data_ptr<scalar_t>() + b * D;
+        row_stats(t, s, D, st + 3 * r);
+        if (!grads.empty()) {
+          acc_t ct, cs;
+          grad_coefficients(st + 3 * r, 1.0, scale, B, &ct, &cs);
+          row_grad(t, s, grads[j].mutable_data_ptr<scalar_t>() + b * D, D, ct, cs);
+        }
+      }
+    });
+    loss.fill_(loss_from_stats(st, M, B, scale));
+  });
+  return {loss, stats};
 }
 
 std::tuple<Tensor, Tensor> cosine_distill_forward_cpu(at::TensorList teacher_in, at::TensorList student_in,
@@ -65,32 +121,23 @@ std::tuple<Tensor, Tensor> cosine_distill_forward_cpu(at::TensorList teacher_in,
   check_distill_maps(teacher_in, student_in, op);
   TORCH_CHECK(student_in[0].device().is_cpu(), op, ": maps must be CPU tensors here, got ",
               student_in[0].device().str());
-  const auto teacher = contiguous(teacher_in), student = contiguous(student_in);
-  const int64_t M = static_cast<int64_t>(student.size()), B = student[0].size(0);
-  const auto acc = student[0].options().dtype(acc_type(student[0].scalar_type()));
-  Tensor stats = at::empty({M, B, 3}, acc);
-  Tensor loss = at::empty({}, acc);
+  std::vector<Tensor> no_grads;
+  return forward_rows(contiguous(teacher_in), contiguous(student_in), scale, no_grads);
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student[0].scalar_type(), "cosine_distill_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    acc_t* st = stats.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, M * B, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t j = i / B, b = i % B, D = student[j].numel() / B;
-        const scalar_t* t = teacher[j].const_data_ptr<scalar_t>() + b * D;
-        const scalar_t* s = student[j].const_data_ptr<scalar_t>() + b * D;
-        row_stats(t, s, D, st + 3 * i);
-      }
-    });
-    acc_t total = 0;
-    for (int64_t j = 0; j < M; ++j) {
-      acc_t per_map = 0, n;
-      for (int64_t b = 0; b < B; ++b) per_map += acc_t(1) - cosine(st + 3 * (j * B + b), &n);
-      total += per_map / static_cast<acc_t>(B);
-    }
-    loss.fill_(static_cast<acc_t>(scale) * total);
-  });
-  return {loss, stats};
+std::tuple<Tensor, Tensor, std::vector<Tensor>> cosine_distill_forward_grad_cpu(at::TensorList teacher_in,
+                                                                               at::TensorList student_in,
+                                                                               double scale) {
+  constexpr const char* op = "askd::cosine_distill_forward_grad";
+  check_distill_maps(teacher_in, student_in, op);
+  TORCH_CHECK(student_in[0].device().is_cpu(), op, ": maps must be CPU tensors here, got ",
+              student_in[0].device().str());
+  const auto student = contiguous(student_in);
+  std::vector<Tensor> grads;
+  grads.reserve(student.size());
+  for (const auto& s : student) grads.push_back(at::empty_like(s));
+  auto [loss, stats] = forward_rows(contiguous(teacher_in), student, scale, grads);
+  return {loss, stats, grads};
 }
 
 std::vector<Tensor> cosine_distill_backward_cpu(const Tensor& grad, at::TensorList teacher_in,
@@ -115,19 +162,16 @@ std::vector<Tensor> cosine_distill_backward_cpu(const Tensor& grad, at::TensorLi
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student[0].scalar_type(), "cosine_distill_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* st = stats.const_data_ptr<acc_t>();
-    const acc_t coef = static_cast<acc_t>(-g * scale / static_cast<double>(B));
     at::parallel_for(0, M * B, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t j = i / B, b = i % B, D = student[j].numel() / B;
+        // sample-major task order: a thread's contiguous range then spans every map, so the big stage-1 maps
+        // do not all land on one thread
+        const int64_t b = i / M, j = i % M, r = j * B + b, D = student[j].numel() / B;
         const scalar_t* t = teacher[j].const_data_ptr<scalar_t>() + b * D;
         const scalar_t* s = student[j].const_data_ptr<scalar_t>() + b * D;
         scalar_t* ds = out[j].mutable_data_ptr<scalar_t>() + b * D;
-        acc_t n;
-        cosine(st + 3 * i, &n);
-        // d cos / d s = t/n - dot/(n |s|^2) s above the clamp, t/eps below it (the clamp has no gradient)
-        const bool big = n > static_cast<acc_t>(kEps);
-        const acc_t ct = coef / (big ? n : static_cast<acc_t>(kEps));
-        const acc_t cs = big ? -coef * st[3 * i] / (n * st[3 * i + 2]) : acc_t(0);
+        acc_t ct, cs;
+        grad_coefficients(st + 3 * r, g, scale, B, &ct, &cs);
         row_grad(t, s, ds, D, ct, cs);
       }
     });
@@ -141,4 +185,5 @@ std::vector<Tensor> cosine_distill_backward_cpu(const Tensor& grad, at::TensorLi
 TORCH_LIBRARY_IMPL(askd, CPU, m) {
   m.impl("cosine_distill_forward", &askd::cosine_distill_forward_cpu);
   m.impl("cosine_distill_backward", &askd::cosine_distill_backward_cpu);
+  m.impl("cosine_distill_forward_grad", &askd::cosine_distill_forward_grad_cpu);
 }

@@ -48,7 +48,7 @@ def warm_up(benchmark, fn, rounds: int = 3) -> None:
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch"] = torch.__version__
-    machine_info["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({platform.processor()})"
+    machine_info["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu: {_cpu_model()}"
     machine_info["threads"] = torch.get_num_threads()
     machine_info["askd_ext"] = _ext.build_info() if _ext.load() is not None else f"unavailable: {_ext.error()}"
     machine_info["batch"], machine_info["dtype"] = BATCH, str(DTYPE)

@@ -27,7 +27,7 @@ def test_loss(benchmark, impl):
     reason = skip_reason(impl)
     if reason:
         pytest.skip(reason)
-    benchmark.group = f"distill loss fwd+bwd, 48 IR-50 maps, B={BATCH} float32"
+    benchmark.group = f"distill loss fwd+bwd B={BATCH} 48 IR-50 maps float32"
     teacher, student = ir50_maps(False), ir50_maps(True)
     flat = [m for pair in student for m in pair]
     name = "torch" if impl in ("eager", "compile") else impl

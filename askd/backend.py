@@ -93,8 +93,10 @@ def _triton_reason(device_type: str) -> str | None:
     return None
 
 
+@functools.cache
 def _ext_has(op: str, device_type: str) -> bool:
-    # a registered schema is not enough: the dispatcher must find a kernel for this device's dispatch key
+    # a registered schema is not enough: the dispatcher must find a kernel for this device's dispatch key.
+    # Cached: resolution runs in every CBAM forward, and the extension's kernels do not change once loaded
     key = torch._C._dispatch_key_for_device(device_type)
     return all(
         hasattr(torch.ops.askd, name) and torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"askd::{name}", key)

@@ -18,6 +18,7 @@ lists; each is read as B rows of D_j values. With t, s one row of map j and ``ep
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -105,6 +106,17 @@ def grads_in_forward(backend: str, device: torch.device) -> bool:
     return backend == "ext" and device.type == "cpu" and hasattr(torch.ops.askd, "cosine_distill_forward_grad")
 
 
+def _forward(
+    teacher: list[Tensor], student: list[Tensor], scale: float, backend: str, with_grad: bool
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    impl = _impl(backend)
+    if with_grad and grads_in_forward(backend, student[0].device):
+        loss, stats, dstudent = impl.forward_grad(teacher, student, scale)
+        return loss, stats, list(dstudent)
+    loss, stats = impl.forward(teacher, student, scale)
+    return loss, stats, []
+
+
 @torch.library.custom_op("askd::fused_cosine_distill", mutates_args=())
 def fused_cosine_distill(
     teacher: list[Tensor], student: list[Tensor], scale: float, backend: str, with_grad: bool
@@ -114,12 +126,7 @@ def fused_cosine_distill(
     dstudent holds d loss / d student for a unit upstream gradient when ``with_grad`` and
     :func:`grads_in_forward`; otherwise it is empty and backward runs the backend's backward kernel.
     """
-    impl = _impl(backend)
-    if with_grad and grads_in_forward(backend, student[0].device):
-        loss, stats, dstudent = impl.forward_grad(teacher, student, scale)
-        return loss, stats, list(dstudent)
-    loss, stats = impl.forward(teacher, student, scale)
-    return loss, stats, []
+    return _forward(teacher, student, scale, backend, with_grad)
 
 
 def _fake_forward(teacher, student, scale):
@@ -154,17 +161,33 @@ if _ext.load() is not None and hasattr(torch.ops.askd, "cosine_distill_forward")
     )
 
 
+def _run_forward(teacher, student, scale, backend, with_grad):
+    # ext calls its compiled ops directly: they are registered ops with fake kernels already, and the Python
+    # custom-op wrapper around them cost a quarter of the CPU kernel's time with ~100 tensors. The Python
+    # backends (triton, reference) need the custom op so that torch.compile sees one opaque node.
+    if backend == "ext":
+        return _forward(teacher, student, scale, backend, with_grad)
+    return fused_cosine_distill(teacher, student, scale, backend, with_grad)
+
+
+def _run_backward(grad, teacher, student, stats, scale, backend):
+    if backend == "ext":
+        return _Ext.backward(grad, teacher, student, stats, scale)
+    return fused_cosine_distill_backward(grad, teacher, student, stats, scale, backend)
+
+
 class _CosineDistill(torch.autograd.Function):
     """Autograd of the fused loss. A plain autograd.Function, not ``register_autograd`` on the custom op:
     with ~100 tensor arguments the custom-op autograd wrapper alone costs about as much as the CPU kernels.
-    torch.compile traces it whole (both ops inside have fake kernels)."""
+    The teacher maps come in one list, which autograd does not look into: they get no gradient, and the
+    engine tracks half as many inputs. torch.compile traces this Function whole."""
 
     @staticmethod
-    def forward(ctx, scale: float, backend: str, m: int, *maps: Tensor) -> Tensor:
-        teacher, student = list(maps[:m]), list(maps[m:])
-        with_grad = any(ctx.needs_input_grad[3 + m :])
-        loss, stats, dstudent = fused_cosine_distill(teacher, student, scale, backend, with_grad)
-        ctx.scale, ctx.backend, ctx.m, ctx.grads_saved = scale, backend, m, bool(dstudent)
+    def forward(ctx, scale: float, backend: str, teacher: list[Tensor], *student: Tensor) -> Tensor:
+        student = list(student)
+        with_grad = any(ctx.needs_input_grad[3:])
+        loss, stats, dstudent = _run_forward(teacher, student, scale, backend, with_grad)
+        ctx.scale, ctx.backend, ctx.m, ctx.grads_saved = scale, backend, len(teacher), bool(dstudent)
         ctx.save_for_backward(*(dstudent if dstudent else (*teacher, *student, stats)))
         return loss
 
@@ -172,14 +195,12 @@ class _CosineDistill(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         saved, m = ctx.saved_tensors, ctx.m
         if not ctx.grads_saved:
-            dstudent = fused_cosine_distill_backward(
-                grad, list(saved[:m]), list(saved[m:-1]), saved[-1], ctx.scale, ctx.backend
-            )
+            dstudent = _run_backward(grad, list(saved[:m]), list(saved[m:-1]), saved[-1], ctx.scale, ctx.backend)
         elif not torch.compiler.is_compiling() and grad.device.type == "cpu" and grad.item() == 1.0:
             dstudent = saved  # the usual case: the loss enters a sum, so the forward's gradients are final
         else:
             dstudent = torch._foreach_mul(list(saved), grad)
-        return (None, None, None, *([None] * m), *dstudent)
+        return (None, None, None, *dstudent)
 
 
 def cosine_distill(
@@ -192,15 +213,14 @@ def cosine_distill(
     """
     if not checked:
         check_maps(teacher, student)
-    dtype = student[0].dtype
-    if any(m.dtype != dtype for m in (*teacher, *student)):
-        for m in (*teacher, *student):
-            dtype = torch.promote_types(dtype, m.dtype)
+    dtypes = {m.dtype for m in (*teacher, *student)}
+    if len(dtypes) > 1:
+        dtype = functools.reduce(torch.promote_types, dtypes)
         teacher, student = [t.to(dtype) for t in teacher], [s.to(dtype) for s in student]
     # the kernels read rows of contiguous maps; CBAM's maps already are, so this is usually a no-op
-    teacher = [t if t.is_contiguous() else t.contiguous() for t in teacher]
-    student = [s if s.is_contiguous() else s.contiguous() for s in student]
-    return _CosineDistill.apply(float(scale), backend, len(teacher), *teacher, *student)
+    if not all(m.is_contiguous() for m in (*teacher, *student)):
+        teacher, student = [t.contiguous() for t in teacher], [s.contiguous() for s in student]
+    return _CosineDistill.apply(float(scale), backend, teacher, *student)
 
 
 def check_maps(teacher: list[Tensor], student: list[Tensor]) -> None:

@@ -109,6 +109,7 @@ def grads_in_forward(backend: str, device: torch.device) -> bool:
 def _forward(
     teacher: list[Tensor], student: list[Tensor], scale: float, backend: str, with_grad: bool
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The body of ``askd::fused_cosine_distill`` (see there), callable without the custom-op wrapper."""
     impl = _impl(backend)
     if with_grad and grads_in_forward(backend, student[0].device):
         loss, stats, dstudent = impl.forward_grad(teacher, student, scale)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from near_ties import check_argmax
 
 from askd import _ext
 from askd.ops.cbam import acc_dtype, cbam, cbam_backward_ref, cbam_forward_ref
@@ -56,16 +57,6 @@ def make_cbam(shape, dtype, layout, wdtype=None, seed=0):
     x = randn(B, C, H, W, dt=dtype).contiguous(memory_format=layout)
     w1, w2, ws = randn(R, C, dt=wdtype) * 0.3, randn(C, R, dt=wdtype) * 0.3, randn(2, k, k, dt=wdtype) * 0.3
     return x, w1, w2, ws
-
-
-def check_argmax(idx, idx_ref, values, tol):
-    """idx equals idx_ref, except at near-ties, where the values at both indices must agree within tol."""
-    differ = idx != idx_ref
-    if differ.any():
-        picked = values.gather(-1, idx.long().unsqueeze(-1))[differ]
-        best = values.gather(-1, idx_ref.long().unsqueeze(-1))[differ]
-        close(picked, best, tol)
-    assert differ.float().mean().item() <= 0.01
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

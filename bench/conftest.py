@@ -40,7 +40,7 @@ def skip_reason(impl: str) -> str | None:
 def warm_up(benchmark, fn, rounds: int = 3) -> None:
     """Run ``fn`` ``rounds`` times before timing; the first run's time (compilation included) goes in extra_info.
 
-    With ``--benchmark-disable`` (CI: the suite must run, not time) the benchmark's own single call is enough.
+    With ``--benchmark-disable`` (a smoke run: every benchmark once, nothing timed) its own single call is enough.
     """
     if benchmark.disabled:
         return

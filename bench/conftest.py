@@ -2,6 +2,7 @@
 
 CPU: B=32, float32; GPU: B=128, bfloat16 (the issue's sizes). Every timed function synchronises the device
 before it returns; inputs are built outside the timed part; warm-up (and compilation) happens first.
+``profile_call`` adds, outside the timing, one profiled call: its peak memory and the ops its time goes to.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from askd import _ext, backend
 
@@ -49,6 +51,63 @@ def warm_up(benchmark, fn, rounds: int = 3) -> None:
     benchmark.extra_info["first_call_s"] = round(time.perf_counter() - start, 3)
     for _ in range(rounds - 1):
         fn()
+
+
+def amp_dtype() -> torch.dtype | None:
+    """Autocast dtype of the benchmarks' "amp" set-ups, or None (float32) where autocast would only slow down.
+
+    bf16 on CUDA and on CPUs whose oneDNN has bf16 kernels; None on other CPUs (on a 2-core AVX2 EPYC, bf16
+    autocast made a training step 6.5x slower than float32). ``$ASKD_BENCH_AMP=bf16|off`` overrides.
+    """
+    choice = os.environ.get("ASKD_BENCH_AMP", "auto")
+    if choice not in ("auto", "bf16", "off"):
+        raise ValueError(f"ASKD_BENCH_AMP={choice!r}; expected auto, bf16 or off")
+    if choice == "auto":
+        native = DEVICE == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        choice = "bf16" if native else "off"
+    return torch.bfloat16 if choice == "bf16" else None
+
+
+def profile_call(fn, top: int = 12) -> dict:
+    """Run ``fn`` once under torch.profiler: peak memory and where its time goes.
+
+    Returns ``peak_mb``: the most memory its tensors held at once beyond what was live before the call (on
+    CUDA from the allocator's peak counter, on the CPU from the profiler's allocation events); and
+    ``profile``: the ``top`` ops by self time as [name, self ms, % of all self time, calls].
+    """
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    if DEVICE == "cuda":
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    with profile(activities=activities, profile_memory=DEVICE == "cpu") as prof:
+        fn()
+    if DEVICE == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _peak_bytes(prof.profiler.kineto_results.events())
+    key = "self_device_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in ops) or 1.0
+    rows = [[_op_name(e.key), round(getattr(e, key) / 1e3, 3), round(100 * getattr(e, key) / total, 1), e.count]
+            for e in ops[:top]]
+    return {"peak_mb": round(peak / 2**20, 1), "profile": rows}
+
+
+def _op_name(key: str) -> str:
+    """Profiler op names, with inductor's "## Call CompiledFxGraph <52-char hash> ##" cut to a short tag."""
+    if key.startswith("## Call CompiledFxGraph"):
+        return f"inductor graph {key.split()[3][:8]}"
+    return key
+
+
+def _peak_bytes(events) -> int:
+    """Highest running total of the profiler's allocation (+) and free (-) events, in time order."""
+    sizes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    peak = live = 0
+    for _, nbytes in sizes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

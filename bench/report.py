@@ -1,10 +1,14 @@
 """Turn a pytest-benchmark JSON into a markdown report of ratios against eager (and torch.compile).
 
     pytest bench/ --benchmark-only --benchmark-json=bench/results/cpu.json
-    python -m bench.report bench/results/cpu.json            # writes bench/results/cpu.md
+    python -m bench.report bench/results/cpu.json            # writes bench/results/cpu.md and cpu.png
 
 Times are medians (robust to a busy machine); a ratio is eager's median over the implementation's, so > 1
-means faster than eager. Summary lines give geometric means over the IR-50 stage shapes.
+means faster than eager. Summary lines give geometric means over the IR-50 stage shapes. The training-step
+table adds images/s and the step's peak memory; its "interleaved" ratios divide by the eager steps run
+between each set-up's own rounds (robust to a machine whose speed drifts from one set-up to the next), and
+"where the time goes" lists the top ops of one profiled step per set-up. The PNG is a bar chart of the
+summary (it needs matplotlib: ``pip install matplotlib``).
 """
 
 from __future__ import annotations
@@ -19,52 +23,98 @@ from pathlib import Path
 ORDER = ("eager", "eager_amp_cl", "compile", "ext", "triton", "fused", "fused_amp_cl", "fused_compile")
 
 
-def load(path: Path) -> tuple[dict, dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """(machine info, group -> impl -> median seconds, group -> impl -> first-call seconds)."""
+def load(path: Path) -> tuple[dict, dict[str, dict[str, float]], dict[str, dict[str, dict]]]:
+    """(machine info, group -> impl -> median seconds, group -> impl -> extra_info)."""
     data = json.loads(path.read_text())
-    medians, first = defaultdict(dict), defaultdict(dict)
+    medians, extra = defaultdict(dict), defaultdict(dict)
     for bench in data["benchmarks"]:
         params = bench["params"]
         impl = params.get("impl") or params["setup"]
         medians[bench["group"]][impl] = bench["stats"]["median"]
-        first[bench["group"]][impl] = bench["extra_info"].get("first_call_s", float("nan"))
-    return {**data["machine_info"], "datetime": data.get("datetime", "")}, medians, first
+        extra[bench["group"]][impl] = bench["extra_info"]
+    return {**data["machine_info"], "datetime": data.get("datetime", "")}, medians, extra
 
 
 def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def group_table(group: str, times: dict[str, float], first: dict[str, float]) -> list[str]:
+def interleaved(times: dict[str, float], extra: dict[str, dict]) -> dict[str, float] | None:
+    """impl -> speed-up over the eager steps run between its own rounds (``eager_between_s``), or None."""
+    if not all("eager_between_s" in extra[impl] for impl in times):
+        return None
+    return {impl: extra[impl]["eager_between_s"] / t for impl, t in times.items()}
+
+
+def group_table(group: str, times: dict[str, float], extra: dict[str, dict]) -> list[str]:
+    """One group's rows; images/s, peak memory and interleaved ratios where the benchmarks recorded them."""
+    step = any("images_per_step" in e for e in extra.values())
+    inter = interleaved(times, extra)
     header = "| impl | median ms | vs eager | vs compile | first call s |"
-    lines = [f"### {group}", "", header, "|---|---:|---:|---:|---:|"]
+    header += " images/s | peak MB |" if step else ""
+    header += " vs eager, interleaved | vs compile, interleaved |" if inter else ""
+    lines = [f"### {group}", "", header, "|---" + "|---:" * (header.count("|") - 2) + "|"]
     for impl in (i for i in ORDER if i in times):
-        t = times[impl]
+        t, e = times[impl], extra[impl]
         vs_eager = times["eager"] / t if "eager" in times else float("nan")
         vs_compile = times["compile"] / t if "compile" in times else float("nan")
-        lines.append(f"| {impl} | {t * 1e3:.3f} | {vs_eager:.2f}x | {vs_compile:.2f}x | {first[impl]:.1f} |")
+        first = e.get("first_call_s", math.nan)
+        row = f"| {impl} | {t * 1e3:.3f} | {vs_eager:.2f}x | {vs_compile:.2f}x | {first:.1f} |"
+        if step:
+            row += f" {e.get('images_per_step', math.nan) / t:.1f} | {e.get('peak_mb', math.nan):.0f} |"
+        if inter:
+            row += f" {inter[impl]:.2f}x | {inter[impl] / inter.get('compile', math.nan):.2f}x |"
+        lines.append(row)
     return [*lines, ""]
 
 
-def summary(medians: dict[str, dict[str, float]]) -> list[str]:
-    """Geometric-mean speed-ups of each fused impl over eager and compile, per kind of group."""
-    kinds = defaultdict(list)
+def profile_tables(group: str, extra: dict[str, dict]) -> list[str]:
+    """The top ops of the profiled step of each set-up in ``group`` (self time: an op's own, not its callees')."""
+    lines = []
+    for impl in (i for i in ORDER if "profile" in extra.get(i, {})):
+        lines += [f"#### {impl}", "", "| op | self ms | % | calls |", "|---|---:|---:|---:|"]
+        lines += [f"| `{name}` | {ms:.1f} | {pct:.1f} | {calls} |" for name, ms, pct, calls in extra[impl]["profile"]]
+        lines.append("")
+    return [f"### {group}", "", *lines] if lines else []
+
+
+def ratios(medians: dict[str, dict[str, float]], extra: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """group -> impl -> speed-up over eager; groups with interleaved eager steps also as "<group> interleaved"."""
+    out = {}
     for group, times in medians.items():
-        kinds[group.split(" B=")[0]].append(times)
-    lines = ["| benchmark | impl | vs eager | vs compile | groups |", "|---|---|---:|---:|---:|"]
+        if "eager" in times:
+            out[group] = {impl: times["eager"] / t for impl, t in times.items()}
+        inter = interleaved(times, extra[group])
+        if inter:
+            kind, rest = group.split(" B=", 1)
+            out[f"{kind}, interleaved B={rest}"] = inter
+    return out
+
+
+def speedups(ratios: dict[str, dict[str, float]]) -> list[tuple[str, str, float, float, int]]:
+    """(benchmark kind, impl, geomean vs eager, geomean vs compile, groups) for every non-eager impl."""
+    kinds = defaultdict(list)
+    for group, r in ratios.items():
+        kinds[group.split(" B=")[0]].append(r)
+    rows = []
     for kind, groups in kinds.items():
         for impl in ORDER[1:]:
-            rows = [g for g in groups if impl in g and "eager" in g]
-            if not rows:
-                continue
-            vs_eager = geomean([g["eager"] / g[impl] for g in rows])
-            vs_compile = geomean([g["compile"] / g[impl] for g in rows if "compile" in g])
-            lines.append(f"| {kind} | {impl} | {vs_eager:.2f}x | {vs_compile:.2f}x | {len(rows)} |")
+            found = [g for g in groups if impl in g]
+            if found:
+                vs_eager = geomean([g[impl] for g in found])
+                vs_compile = geomean([g[impl] / g["compile"] for g in found if "compile" in g])
+                rows.append((kind, impl, vs_eager, vs_compile, len(found)))
+    return rows
+
+
+def summary(ratios: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["| benchmark | impl | vs eager | vs compile | groups |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {k} | {i} | {e:.2f}x | {c:.2f}x | {n} |" for k, i, e, c, n in speedups(ratios)]
     return lines
 
 
 def report(path: Path, command: str) -> str:
-    machine, medians, first = load(path)
+    machine, medians, extra = load(path)
     lines = [
         f"# askd benchmarks: {machine.get('device', '?')}",
         "",
@@ -76,14 +126,44 @@ def report(path: Path, command: str) -> str:
         "",
         "## Summary (geometric means over the groups)",
         "",
-        *summary(medians),
+        *summary(ratios(medians, extra)),
         "",
         "## Per group",
         "",
     ]
     for group in sorted(medians):
-        lines += group_table(group, medians[group], first[group])
+        lines += group_table(group, medians[group], extra[group])
+    profiled = [line for group in sorted(medians) for line in profile_tables(group, extra[group])]
+    if profiled:
+        lines += ["## Where the time goes (one profiled step per set-up, top ops by self time)", "", *profiled]
     return "\n".join(lines)
+
+
+def chart(path: Path, out: Path) -> None:
+    """A horizontal bar chart of the summary speed-ups over eager (log scale, 1x marked)."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    machine, medians, extra = load(path)
+    rows = [(f"{kind}: {impl}", r) for kind, impl, r, _, _ in speedups(ratios(medians, extra))][::-1]  # table order
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2))
+    colours = ["tab:green" if r >= 1 else "tab:red" for _, r in rows]
+    # bars grow from 1x: right for faster than eager, left for slower
+    ax.barh([label for label, _ in rows], [r - 1 for _, r in rows], left=1.0, color=colours)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    for y, (_, r) in enumerate(rows):
+        ax.text(r, y, f" {r:.2f}x", va="center", fontsize=8)
+    ax.set_xlabel("speed-up over eager (median time, geometric mean over shapes; > 1 is faster)")
+    ax.set_title(f"askd: {machine.get('device', '?')}, torch {machine.get('torch', '?')}", fontsize=10)
+    ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -91,12 +171,20 @@ def main() -> None:
     parser.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", type=Path, help="markdown file (default: the JSON path with .md)")
     parser.add_argument("--command", default="pytest bench/ --benchmark-only", help="the command that made the JSON")
+    parser.add_argument("--no-png", action="store_true", help="skip the bar chart (the JSON path with .png)")
     args = parser.parse_args()
     if not args.json.is_file():
         parser.error(f"no such file: {args.json}")
     out = args.out or args.json.with_suffix(".md")
     out.write_text(report(args.json, args.command) + "\n")
     print(f"wrote {out}")
+    if args.no_png:
+        return
+    try:
+        chart(args.json, out.with_suffix(".png"))
+    except ImportError:
+        parser.exit(1, "bench.report: the PNG chart needs matplotlib (pip install matplotlib); or pass --no-png\n")
+    print(f"wrote {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

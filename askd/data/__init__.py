@@ -1,9 +1,26 @@
-"""Data: LR synthesis, the embedded synthetic face set, image folders."""
+"""Data: LR synthesis, the embedded synthetic face set, image folders, RecordIO packs, verification .bin files."""
 
 from .degrade import degrade, lr_size
-from .folders import ImageFolderFaces, list_identities
+from .folders import DataError, ImageFolderFaces, list_identities
+from .recordio import RecordDataset, RecordReader, RecordWriter
+from .verification_bin import make_bin, pair_indices, read_bin, read_bin_tensors, write_bin
 
-__all__ = ["ImageFolderFaces", "SyntheticFaces", "degrade", "list_identities", "lr_size"]
+__all__ = [
+    "DataError",
+    "ImageFolderFaces",
+    "RecordDataset",
+    "RecordReader",
+    "RecordWriter",
+    "SyntheticFaces",
+    "degrade",
+    "list_identities",
+    "lr_size",
+    "make_bin",
+    "pair_indices",
+    "read_bin",
+    "read_bin_tensors",
+    "write_bin",
+]
 
 
 def __getattr__(name: str):

@@ -51,6 +51,28 @@ def load(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def load_model(path: str | Path, device="cpu", backend: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The embedding model of a checkpoint (its arch, variant and embedding size), in eval mode without grad,
+    on ``device``; and the checkpoint dict. ``backend`` as in ``askd.models.create``. One that does not
+    describe a known model raises CheckpointError."""
+    from . import models  # here, not at the top: the models need not be built to read or write a checkpoint
+
+    ckpt = load(path)
+    missing = [k for k in ("variant", "embedding_size") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not an askd checkpoint (no {'/'.join(missing)} entries)")
+    try:
+        model = models.create(ckpt["arch"], ckpt["variant"], ckpt["embedding_size"], backend=backend)
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError, TypeError) as e:  # unknown arch/variant; a state dict of another shape
+        # load_state_dict lists every bad key over many lines: one line, cut short, for the error message
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 300 else reason[:300] + " ..."
+        target = f"{ckpt['arch']}/{ckpt['variant']}"
+        raise CheckpointError(f"checkpoint {path} does not load into {target}: {reason}") from None
+    return model.to(device).eval().requires_grad_(False), ckpt
+
+
 def rng_state() -> dict[str, Any]:
     """The generator states a resumed run must restore to continue bit-exactly (dropout draws)."""
     state = {"torch": torch.get_rng_state()}

@@ -1,6 +1,17 @@
-"""Evaluation: pair verification (InsightFace and A-SKD protocols) and teacher-student attention similarity."""
+"""Evaluation: pair verification (InsightFace and A-SKD protocols), identification (rank-k, mAP; TinyFace) and
+teacher-student attention similarity. ``python -m askd.eval``: see :mod:`askd.eval.cli`."""
 
 from .attention import PearsonAccumulator, attention_correlation, pearson
+from .identification import (
+    DISTRACTOR_FOLDERS,
+    DISTRACTOR_LABEL,
+    RANKS,
+    embed_files,
+    evaluate_tinyface,
+    identification_metrics,
+    load_tinyface,
+    tinyface_lists,
+)
 from .verification import (
     ASKD_THRESHOLDS,
     INSIGHTFACE_THRESHOLDS,
@@ -19,6 +30,14 @@ from .verification import (
 
 __all__ = [
     "ASKD_THRESHOLDS",
+    "DISTRACTOR_FOLDERS",
+    "DISTRACTOR_LABEL",
+    "RANKS",
+    "embed_files",
+    "evaluate_tinyface",
+    "identification_metrics",
+    "load_tinyface",
+    "tinyface_lists",
     "INSIGHTFACE_THRESHOLDS",
     "PROTOCOLS",
     "PearsonAccumulator",

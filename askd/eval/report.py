@@ -1,72 +1,79 @@
 """End-of-run evaluation for ``askd.train``: verification accuracies and attention correlations, and their table.
 
-On pairs from the held-out identities (10 folds, flip TTA, DESIGN.md section 6): the teacher on HR, the
-teacher on LR (what a model trained on HR alone gets) and every student on LR; for every student, the
-per-block Pearson correlation between the teacher's maps on HR and the student's maps on LR.
+On every verification set of the data (held-out identities or .bin files; 10 folds, flip TTA, DESIGN.md
+section 6): the teacher on HR, the teacher on LR (what a model trained on HR alone gets) and every student on
+LR; for every student, the per-block Pearson correlation between the teacher's maps on HR and the student's
+maps on LR, over the images of the first set.
 """
 
 from __future__ import annotations
-
-from collections import Counter
 
 import torch
 
 from ..data import degrade
 from .attention import attention_correlation
-from .verification import evaluate_pairs, make_pairs
+from .verification import evaluate_pairs
 
 
-def possible_pairs(labels: torch.Tensor, wanted: int) -> int:
-    """The largest even pair count <= ``wanted`` that has as many genuine pairs as it needs (half)."""
-    genuine = sum(n * (n - 1) // 2 for n in Counter(labels.tolist()).values())
-    return min(wanted, 2 * genuine) // 2 * 2
+def verify_sets(model: torch.nn.Module, sets: dict, protocol: str, transform, device) -> dict[str, dict]:
+    """{set name: {"accuracy", "std"}} of ``model`` on each :class:`askd.data.sources.PairSet`."""
+    out = {}
+    for name, pairs in sets.items():
+        r = evaluate_pairs(model, pairs.images, pairs.idx_a, pairs.idx_b, pairs.issame, protocol, transform,
+                           device=device)
+        out[name] = {"accuracy": r["accuracy"], "std": r["std"]}
+    return out
 
 
 def evaluate_run(cfg, data, teacher: torch.nn.Module, students: dict[str, torch.nn.Module], device) -> dict:
-    """Results dict: pair count, protocol, LR size, accuracies (mean, std) and per-student correlations."""
-    images, labels = data.eval_images, data.eval_labels
-    num_pairs = possible_pairs(labels, cfg.eval_pairs)
-    idx_a, idx_b, issame = make_pairs(labels, num_pairs, seed=cfg.seed)
+    """Results dict: protocol, LR size, {set: {model: accuracy, std}}, per-student correlations."""
     side = cfg.lr_side()
 
     def to_lr(x: torch.Tensor) -> torch.Tensor:
         return degrade(x, side, cfg.variant)
 
-    def verify(model, transform) -> dict:
-        r = evaluate_pairs(model, images, idx_a, idx_b, issame, cfg.eval_protocol, transform, device=device)
-        return {"accuracy": r["accuracy"], "std": r["std"]}
-
-    rows = {"teacher (HR)": verify(teacher, None), "teacher (LR)": verify(teacher, to_lr)}
-    correlations = {}
-    for method, student in students.items():
-        rows[f"student {method} (LR)"] = verify(student, to_lr)
-        correlations[method] = attention_correlation(teacher, student, images, to_lr, device=device)
+    models = {"teacher (HR)": (teacher, None), "teacher (LR)": (teacher, to_lr)}
+    models.update({f"student {method} (LR)": (student, to_lr) for method, student in students.items()})
+    rows = {name: verify_sets(m, data.eval_sets, cfg.eval_protocol, tf, device) for name, (m, tf) in models.items()}
+    images = next(iter(data.eval_sets.values())).images
+    correlations = {m: attention_correlation(teacher, s, images, to_lr, device=device) for m, s in students.items()}
     return {
-        "protocol": cfg.eval_protocol, "pairs": num_pairs, "lr_size": side, "variant": cfg.variant,
-        "arch": cfg.arch, "data": cfg.data, "verification": rows, "attention_correlation": correlations,
+        "protocol": cfg.eval_protocol, "pairs": {name: len(p) for name, p in data.eval_sets.items()},
+        "lr_size": side, "variant": cfg.variant, "arch": cfg.arch, "data": cfg.data,
+        "verification": {name: {model: rows[model][name] for model in rows} for name in data.eval_sets},
+        "attention_correlation": correlations,
     }
 
 
 def format_table(results: dict) -> str:
-    """Markdown tables of the results dict: verification accuracy, then correlation per block."""
+    """Markdown tables of the results dict: verification accuracy per set, then correlation per block."""
+    pairs = ", ".join(f"{name} {n}" for name, n in results["pairs"].items())
+    sets = list(results["verification"])
     lines = [
-        f"Verification on {results['pairs']} held-out pairs ({results['protocol']} protocol, 10 folds, flip TTA), "
-        f"{results['arch']} / {results['variant']}, LR = {results['lr_size']} px",
+        f"Verification pairs: {pairs} ({results['protocol']} protocol, 10 folds, flip TTA), "
+        f"{results['arch']} / {results['variant']}, LR = {results['lr_size']} px; accuracy % (std over folds)",
         "",
-        "| model | accuracy (%) | std (%) |",
-        "|---|---|---|",
+        "| model | " + " | ".join(sets) + " |",
+        "|---" * (len(sets) + 1) + "|",
     ]
-    for name, r in results["verification"].items():
-        lines.append(f"| {name} | {100 * r['accuracy']:.2f} | {100 * r['std']:.2f} |")
-    corr = results["attention_correlation"]
-    if corr:
-        blocks = [c["block"] for c in next(iter(corr.values()))]
-        lines += ["", "Pearson r, teacher maps on HR vs student maps on LR (S = spatial, C = channel)", ""]
-        lines.append("| student | " + " | ".join(f"B{b + 1}-S | B{b + 1}-C" for b in blocks) + " | mean S | mean C |")
-        lines.append("|---" * (2 * len(blocks) + 3) + "|")
-        for method, per_block in corr.items():
-            cells = " | ".join(f"{c['spatial_r']:.2f} | {c['channel_r']:.2f}" for c in per_block)
-            mean_s = sum(c["spatial_r"] for c in per_block) / len(per_block)
-            mean_c = sum(c["channel_r"] for c in per_block) / len(per_block)
-            lines.append(f"| {method} | {cells} | {mean_s:.2f} | {mean_c:.2f} |")
+    for model in results["verification"][sets[0]]:
+        cells = [results["verification"][s][model] for s in sets]
+        accs = " | ".join(f"{100 * r['accuracy']:.2f} ({100 * r['std']:.2f})" for r in cells)
+        lines.append(f"| {model} | {accs} |")
+    if results["attention_correlation"]:
+        lines += ["", correlation_table(results["attention_correlation"])]
+    return "\n".join(lines)
+
+
+def correlation_table(correlations: dict[str, list[dict]]) -> str:
+    """Markdown table of per-block Pearson r, one row per student: {method: attention_correlation(...)}."""
+    blocks = [c["block"] for c in next(iter(correlations.values()))]
+    lines = ["Pearson r, teacher maps on HR vs student maps on LR (S = spatial, C = channel)", ""]
+    lines.append("| student | " + " | ".join(f"B{b + 1}-S | B{b + 1}-C" for b in blocks) + " | mean S | mean C |")
+    lines.append("|---" * (2 * len(blocks) + 3) + "|")
+    for method, per_block in correlations.items():
+        cells = " | ".join(f"{c['spatial_r']:.2f} | {c['channel_r']:.2f}" for c in per_block)
+        mean_s = sum(c["spatial_r"] for c in per_block) / len(per_block)
+        mean_c = sum(c["channel_r"] for c in per_block) / len(per_block)
+        lines.append(f"| {method} | {cells} | {mean_s:.2f} | {mean_c:.2f} |")
     return "\n".join(lines)

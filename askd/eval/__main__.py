@@ -1,0 +1,7 @@
+"""``python -m askd.eval``: see :mod:`askd.eval.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -26,7 +26,7 @@ class Config:
     variant: str = "official"  # official (authors' code) | paper (text of the paper); see DESIGN.md section 2
     embedding_size: int = 512
     # --- data ---
-    data: str = "synthetic"  # "synthetic" or an image folder root/<identity>/<image>
+    data: str = "synthetic"  # "synthetic", an image folder root/<identity>/<image>, or a RecordIO pack folder
     synthetic_identities: int = 100  # training identities of the synthetic set
     synthetic_samples: int = 24  # images per synthetic identity
     eval_identities: int = 50  # held-out synthetic identities for verification
@@ -34,6 +34,8 @@ class Config:
     eval_fraction: float = 0.2  # image folders: share of identities held out for verification
     eval_pairs: int = 1200  # verification pairs (half genuine), split into 10 folds
     eval_protocol: str = "insightface"  # insightface | askd
+    eval_bins: str = ""  # comma list of verification .bin files to evaluate on (default: a pack's own *.bin)
+    eval_every: int = 0  # also verify the model in training every N steps when > 0 (metrics.jsonl "eval")
     scale: int = 8  # LR down-sampling factor: 2 | 4 | 8 (112 -> 56 | 28 | 14 px)
     lr_size: int = 0  # LR side in px; overrides scale when > 0
     workers: int = 0  # DataLoader worker processes (image folders)
@@ -164,6 +166,8 @@ def validate(cfg: Config) -> Config:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config key {key!r}: got {getattr(cfg, key)}, expected >= 1")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"config key 'eval_every': got {cfg.eval_every}, expected >= 0 (0: only at the end)")
     if not 0.0 < cfg.eval_fraction < 1.0:
         raise ConfigError(f"config key 'eval_fraction': got {cfg.eval_fraction}, expected in (0, 1)")
     if any(not 0.0 < m < 1.0 for m in cfg.milestones):

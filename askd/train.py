@@ -30,7 +30,7 @@ from .checkpoint import CheckpointError, load, rng_state, save_atomic, set_rng_s
 from .config import Config, ConfigError, apply, load_toml, parse_set, to_toml
 from .data import degrade
 from .data.sources import DataError, TrainData, build_data, iterate_batches
-from .eval.report import evaluate_run, format_table
+from .eval.report import evaluate_run, format_table, verify_sets
 from .losses import attention_distill_loss, kd_loss
 from .nn import ArcFace
 
@@ -277,6 +277,8 @@ def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Pat
                     if not math.isfinite(row["loss"]):
                         raise FloatingPointError(f"[{stage.dirname}] loss became {row['loss']} at step {t.step}")
                     bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}", refresh=False)
+                if cfg.eval_every > 0 and t.step % cfg.eval_every == 0:
+                    log_eval(log, bar, cfg, stage, t, data, device)
                 if cfg.checkpoint_every > 0 and t.step % cfg.checkpoint_every == 0:
                     save_atomic(t.state(epoch), ckpt_path)
                 if t.step >= total:
@@ -292,6 +294,23 @@ def log_step(log, stage: Stage, step: int, epoch: int, terms: dict, lr: float, r
     row.update({k: round(v.item(), 6) for k, v in terms.items()})
     log.write(json.dumps(row) + "\n")
     log.flush()
+    return row
+
+
+def log_eval(log, bar, cfg: Config, stage: Stage, t: Trainer, data: TrainData, device: torch.device) -> dict:
+    """Verify the model in training on every set of ``data`` (HR for the teacher, LR for students) and log it.
+
+    The model runs in eval mode and goes back to training mode; no random draw is taken, so a run with
+    evaluations follows the same path as one without."""
+    side = None if stage.role == "teacher" else cfg.lr_side()
+    transform = None if side is None else (lambda x: degrade(x, side, cfg.variant))
+    accs = {name: r["accuracy"] for name, r in verify_sets(t.model, data.eval_sets, cfg.eval_protocol, transform,
+                                                           device).items()}
+    row = {"stage": stage.dirname, "step": t.step, "eval": {k: round(v, 6) for k, v in accs.items()}}
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    shown = ", ".join(f"{k} {100 * v:.2f}%" for k, v in accs.items())
+    bar.write(f"[{stage.dirname}] step {t.step}: verification ({'HR' if side is None else f'LR {side} px'}) {shown}")
     return row
 
 

@@ -58,9 +58,10 @@ def test_students_against_a_reused_teacher_and_results(tmp_path):
     assert {"ce", "distill", "kd", "loss"} <= terms[-1].keys()
     assert terms[-1]["loss"] == pytest.approx(terms[-1]["ce"] + terms[-1]["distill"] + terms[-1]["kd"], rel=1e-5)
     results = json.loads((out / "results.json").read_text())
-    names = set(results["verification"])
+    assert list(results["verification"]) == ["held-out"] and results["pairs"] == {"held-out": 40}
+    names = set(results["verification"]["held-out"])
     assert names == {"teacher (HR)", "teacher (LR)", "student base (LR)", "student askd_kd (LR)"}
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["verification"].values())
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["verification"]["held-out"].values())
     assert len(results["attention_correlation"]["askd_kd"]) == 4
     assert "| student askd_kd (LR) |" in (out / "results.md").read_text()
 

@@ -1,9 +1,12 @@
-"""Training data for ``askd.train``: the synthetic set or an image folder, a held-out evaluation set, batches.
+"""Training data for ``askd.train``: the synthetic set, an image folder or a RecordIO pack; verification sets; batches.
 
 ``build_data(cfg)`` returns a :class:`TrainData`: the training Dataset (items uint8 (3,112,112), int
-label), its identity count, and the held-out evaluation images uint8 (N,3,112,112) with labels (N,).
-Synthetic data holds out a disjoint ``eval`` split; an image folder holds out the last ``eval_fraction``
-of its identity folders in sorted order.
+label), its identity count, and the verification sets it is evaluated on, each a :class:`PairSet`.
+Synthetic data holds out a disjoint ``eval`` split and an image folder the last ``eval_fraction`` of its
+identity folders in sorted order, both as ``eval_pairs`` pairs of the held-out identities ("held-out"); a
+RecordIO pack (a folder with ``train.rec``, ``train.idx``, ``property``) is evaluated on the ``*.bin`` files
+beside it, as InsightFace packs ship them. ``eval_bins`` (a comma list of .bin files) replaces those sets
+for any source.
 
 Batches are a pure function of (seed, epoch, position), so a resumed run sees the same batches as an
 uninterrupted one: the epoch's permutation comes from a generator seeded with (seed, epoch), the last
@@ -12,6 +15,7 @@ partial batch is dropped (BatchNorm needs B > 1).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +24,29 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .folders import DataError, ImageFolderFaces, list_identities
+from .recordio import RecordDataset, pack_paths
 from .synthetic import SyntheticFaces
+from .verification_bin import pair_indices, read_bin_tensors
+
+
+@dataclass
+class PairSet:
+    """Verification pairs: images uint8 (N,3,112,112); pair i is (idx_a[i], idx_b[i]), int64 (P,), issame bool (P,)."""
+
+    images: torch.Tensor
+    idx_a: torch.Tensor
+    idx_b: torch.Tensor
+    issame: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.issame)
 
 
 @dataclass
 class TrainData:
     train: Dataset
     num_classes: int
-    eval_images: torch.Tensor  # uint8 (N,3,112,112)
-    eval_labels: torch.Tensor  # int64 (N,)
+    eval_sets: dict[str, PairSet]  # name -> pairs; the first one also feeds the attention correlations
     name: str
 
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -38,17 +56,52 @@ class TrainData:
         return steps
 
     def describe(self) -> str:
-        return (
-            f"{self.name}: {len(self.train)} training images of {self.num_classes} identities, "
-            f"{len(self.eval_labels)} held-out images of {len(self.eval_labels.unique())} identities"
-        )
+        sets = ", ".join(f"{name} ({len(pairs)} pairs)" for name, pairs in self.eval_sets.items())
+        return f"{self.name}: {len(self.train)} training images of {self.num_classes} identities; verification: {sets}"
 
 
 def build_data(cfg) -> TrainData:
-    """The training and held-out data named by ``cfg.data`` ("synthetic" or an image-folder path)."""
+    """The training data named by ``cfg.data`` (synthetic, an image folder, a RecordIO pack), with its sets."""
     if cfg.data == "synthetic":
-        return _synthetic(cfg)
-    return _folder(cfg)
+        data = _synthetic(cfg)
+    elif is_pack(cfg.data):
+        data = _pack(cfg)
+    else:
+        data = _folder(cfg)
+    if cfg.eval_bins:
+        data.eval_sets = bin_sets([b.strip() for b in cfg.eval_bins.split(",") if b.strip()])
+    return data
+
+
+def is_pack(path: str) -> bool:
+    """Whether ``path`` names a RecordIO pack: a .rec file or a folder holding train.rec."""
+    p = Path(path)
+    return p.suffix == ".rec" or (p / "train.rec").is_file()
+
+
+def possible_pairs(labels: torch.Tensor, wanted: int) -> int:
+    """The largest even pair count <= ``wanted`` that has as many genuine pairs as it needs (half)."""
+    genuine = sum(n * (n - 1) // 2 for n in Counter(labels.tolist()).values())
+    return min(wanted, 2 * genuine) // 2 * 2
+
+
+def held_out(images: torch.Tensor, labels: torch.Tensor, cfg) -> dict[str, PairSet]:
+    """``{"held-out": pairs}``: ``eval_pairs`` pairs (half genuine) of the held-out images uint8 (N,3,112,112)."""
+    from ..eval.verification import make_pairs  # here: askd.eval imports askd.data
+
+    idx_a, idx_b, issame = make_pairs(labels, possible_pairs(labels, cfg.eval_pairs), seed=cfg.seed)
+    return {"held-out": PairSet(images, idx_a, idx_b, torch.as_tensor(issame))}
+
+
+def bin_sets(paths: list[str | Path]) -> dict[str, PairSet]:
+    """The verification .bin files as sets named by their stems (``agedb_30.bin`` -> "agedb_30")."""
+    sets = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"verification set {str(path)!r} not found (eval_bins, or a pack's *.bin)")
+        images, issame = read_bin_tensors(path, size=112)
+        sets[Path(path).stem] = PairSet(images, *pair_indices(len(issame)), issame)
+    return sets
 
 
 def _synthetic(cfg) -> TrainData:
@@ -57,7 +110,19 @@ def _synthetic(cfg) -> TrainData:
     index = torch.arange(len(held))
     labels = index // cfg.eval_samples
     images = held.render(labels, index % cfg.eval_samples)
-    return TrainData(train, train.num_classes, images, labels, "synthetic faces")
+    return TrainData(train, train.num_classes, held_out(images, labels, cfg), "synthetic faces")
+
+
+def _pack(cfg) -> TrainData:
+    train = RecordDataset(cfg.data)
+    bins = sorted(pack_paths(cfg.data)[0].parent.glob("*.bin"))
+    if not bins and not cfg.eval_bins:
+        raise DataError(
+            f"RecordIO pack {cfg.data} has no verification .bin files beside train.rec; add some (python -m "
+            f"askd.data.verification_bin make ...) or pass --set eval_bins=PATH.bin[,PATH.bin]"
+        )
+    sets = {} if cfg.eval_bins else bin_sets(bins)
+    return TrainData(train, train.num_classes, sets, f"RecordIO pack {cfg.data}")
 
 
 def _folder(cfg) -> TrainData:
@@ -77,7 +142,7 @@ def _folder(cfg) -> TrainData:
         raise e if isinstance(e, DataError) else DataError(str(e)) from None
     images = torch.stack([img for img, _ in items])
     labels = torch.tensor([label for _, label in items], dtype=torch.long)
-    return TrainData(train, train.num_classes, images, labels, f"image folder {root}")
+    return TrainData(train, train.num_classes, held_out(images, labels, cfg), f"image folder {root}")
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor:

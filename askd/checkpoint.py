@@ -9,12 +9,12 @@ early with a message instead of a state-dict mismatch.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import replacing
 
 
 class CheckpointError(RuntimeError):
@@ -23,18 +23,8 @@ class CheckpointError(RuntimeError):
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save ``obj`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load(path: str | Path) -> dict[str, Any]:

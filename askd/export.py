@@ -24,8 +24,6 @@ import argparse
 import contextlib
 import importlib
 import logging
-import os
-import secrets
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .atomic import replacing
 from .checkpoint import CheckpointError
 
 INPUT, OUTPUT = "image", "embedding"
@@ -80,21 +79,6 @@ def load_model(path: str | Path) -> tuple[EmbeddingOnly, dict[str, Any]]:
     grad, wrapped to return the embedding only, and the checkpoint."""
     model, ckpt = checkpoint.load_model(path, backend="torch")
     return EmbeddingOnly(model).eval(), ckpt
-
-
-def temp_beside(out: Path) -> Path:
-    """A new empty file beside ``out`` (its folder created if needed), so the final rename stays on one
-    filesystem. Opened with mode 0o666 like any new file (the umask applies), not mkstemp's owner-only 0o600:
-    the model is meant to be shared."""
-    if out.is_dir():
-        raise ExportError(f"cannot write {out}: it is a directory")
-    tmp = out.with_name(f"{out.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as e:
-        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
-    return tmp
 
 
 @contextlib.contextmanager
@@ -200,22 +184,21 @@ def export_onnx(
         raise ExportError(f"refusing to overwrite the checkpoint {checkpoint_path} with the ONNX model")
     for name in ("onnx", "onnxscript", *(("onnxruntime",) if check else ())):
         require(name)  # before the export, which takes seconds
-    tmp = temp_beside(out)
+    if out.is_dir():
+        raise ExportError(f"cannot write {out}: it is a directory")
     try:
-        write_onnx(model, tmp, opset, batch)
-        summary = describe(tmp)
-        if opset is not None and summary["opset"] != opset:
-            # the exporter falls back to its own opset when the version conversion fails, with only a log line
-            raise ExportError(f"asked for opset {opset}, but the exporter could only write opset {summary['opset']}")
-        if check:
-            summary.update(check_against_torch(tmp, model, (batch,) if batch else CHECK_BATCHES, atol))
-            summary["checked_batches"] = [batch] if batch else list(CHECK_BATCHES)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with replacing(out) as tmp:
+            write_onnx(model, tmp, opset, batch)
+            summary = describe(tmp)
+            if opset is not None and summary["opset"] != opset:
+                # the exporter falls back to its own opset when the version conversion fails, with only a log line
+                got = summary["opset"]
+                raise ExportError(f"asked for opset {opset}, but the exporter could only write opset {got}")
+            if check:
+                summary.update(check_against_torch(tmp, model, (batch,) if batch else CHECK_BATCHES, atol))
+                summary["checked_batches"] = [batch] if batch else list(CHECK_BATCHES)
+    except OSError as e:  # an output folder that cannot be made or written
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     summary.update(
         path=str(out), bytes=out.stat().st_size, checkpoint=str(checkpoint_path), role=ckpt.get("role"),
         arch=ckpt["arch"], variant=ckpt["variant"],

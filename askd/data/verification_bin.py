@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import pickle
-import secrets
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import replacing
 from .folders import DataError, ImageFolderFaces, load_image
 
 PROG = "askd.data.verification_bin"
@@ -283,19 +282,9 @@ def _encode(img: np.ndarray, fmt: str, quality: int) -> bytes:
 
 
 def _dump(path: Path, encoded: list[bytes], flags: list[bool], protocol: int) -> None:
-    """Pickle ``(encoded, flags)`` into a temporary file beside ``path``, then rename it over ``path``,
-    so that neither a reader nor a crash ever leaves half a file there."""
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # plain open: the file gets the umask's permissions (mkstemp's are 0600)
-            pickle.dump((encoded, flags), f, protocol=protocol)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Pickle ``(encoded, flags)`` to ``path`` atomically (see askd.atomic); its folder must exist."""
+    with replacing(path, make_parents=False) as tmp, open(tmp, "wb") as f:
+        pickle.dump((encoded, flags), f, protocol=protocol)
 
 
 def write_bin(

@@ -1,4 +1,5 @@
-"""Image-folder face dataset: ``ImageFolderFaces(root, size=112, identities=None)`` and ``list_identities(root)``.
+"""Image-folder face dataset: ``ImageFolderFaces(root, size=112, identities=None)``, ``list_identities(root)``
+and ``split_identities(root, fraction, setting)`` (the identities to train on and those held out).
 
 Layout: ``root/<identity>/<image>`` with images ending in .pgm, .png, .jpg or .jpeg (any case); other files
 and deeper folders are ignored. Identities are the folders that hold at least one image, sorted by name
@@ -57,6 +58,19 @@ def list_identities(root: str | Path) -> list[str]:
     if not names:
         raise FileNotFoundError(f"no images found under {str(path)!r}; expected {LAYOUT}")
     return names
+
+
+def split_identities(root: str | Path, fraction: float, setting: str) -> tuple[list[str], list[str]]:
+    """(identities to train on, identities held out): the last ``fraction`` of ``list_identities(root)``
+    (at least 2), leaving at least 2; else a DataError that names ``setting`` (the option that asked)."""
+    names = list_identities(root)
+    held = max(2, round(len(names) * fraction))
+    if len(names) - held < 2:
+        raise DataError(
+            f"{root} has {len(names)} identity folders with images; need at least {held + 2} ({held} held out "
+            f"for evaluation at {setting}={fraction}, 2 to train on)"
+        )
+    return names[:-held], names[-held:]
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .folders import DataError, ImageFolderFaces, list_identities
+from .folders import DataError, ImageFolderFaces, split_identities
 from .recordio import RecordWriter, pack_header
 from .verification_bin import make_bin
 
@@ -157,23 +157,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def split_identities(src: str | Path, holdout: float) -> tuple[list[str], list[str]]:
-    """(identities to pack, identities held out): the last ``holdout`` fraction in sorted order, at least 2."""
-    names = list_identities(src)
-    if not 0.0 < holdout < 1.0:
-        raise DataError(f"--holdout must be a fraction in (0, 1), got {holdout}")
-    n = max(2, round(len(names) * holdout))
-    if len(names) - n < 2:
-        raise DataError(f"{src} has {len(names)} identities; holding out {n} leaves fewer than 2 to pack")
-    return names[:-n], names[-n:]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train_ids = held = None
         if args.holdout:
-            train_ids, held = split_identities(args.src, args.holdout)
+            if not 0.0 < args.holdout < 1.0:
+                raise DataError(f"--holdout must be a fraction in (0, 1), got {args.holdout}")
+            train_ids, held = split_identities(args.src, args.holdout, "--holdout")
         info = pack_folder(args.src, args.dst, args.format, args.quality, args.size, train_ids)
         if held:
             out = Path(args.dst) / "heldout.bin"

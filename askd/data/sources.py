@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .folders import DataError, ImageFolderFaces, list_identities
+from .folders import DataError, ImageFolderFaces, split_identities
 from .recordio import RecordDataset, pack_paths
 from .synthetic import SyntheticFaces
 from .verification_bin import pair_indices, read_bin_tensors
@@ -128,15 +128,9 @@ def _pack(cfg) -> TrainData:
 def _folder(cfg) -> TrainData:
     root = Path(cfg.data)
     try:
-        identities = list_identities(root)
-        n_eval = max(2, round(len(identities) * cfg.eval_fraction))
-        if len(identities) - n_eval < 2:
-            raise DataError(
-                f"{root} has {len(identities)} identity folders with images; need at least {n_eval + 2} "
-                f"({n_eval} held out for evaluation at eval_fraction={cfg.eval_fraction}, 2 to train on)"
-            )
-        train = ImageFolderFaces(root, identities=identities[:-n_eval])
-        held = ImageFolderFaces(root, identities=identities[-n_eval:])
+        train_ids, held_ids = split_identities(root, cfg.eval_fraction, "eval_fraction")
+        train = ImageFolderFaces(root, identities=train_ids)
+        held = ImageFolderFaces(root, identities=held_ids)
         items = [held[i] for i in range(len(held))]
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise e if isinstance(e, DataError) else DataError(str(e)) from None

@@ -278,7 +278,7 @@ def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Pat
                         raise FloatingPointError(f"[{stage.dirname}] loss became {row['loss']} at step {t.step}")
                     bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}", refresh=False)
                 if cfg.eval_every > 0 and t.step % cfg.eval_every == 0:
-                    log_eval(log, bar, cfg, stage, t, data, device)
+                    t0 += log_eval(log, bar, cfg, stage, t, data, device)  # images/s counts training time only
                 if cfg.checkpoint_every > 0 and t.step % cfg.checkpoint_every == 0:
                     save_atomic(t.state(epoch), ckpt_path)
                 if t.step >= total:
@@ -297,11 +297,13 @@ def log_step(log, stage: Stage, step: int, epoch: int, terms: dict, lr: float, r
     return row
 
 
-def log_eval(log, bar, cfg: Config, stage: Stage, t: Trainer, data: TrainData, device: torch.device) -> dict:
-    """Verify the model in training on every set of ``data`` (HR for the teacher, LR for students) and log it.
+def log_eval(log, bar, cfg: Config, stage: Stage, t: Trainer, data: TrainData, device: torch.device) -> float:
+    """Verify the model in training on every set of ``data`` (HR for the teacher, LR for students) and log it;
+    returns the seconds it took.
 
     The model runs in eval mode and goes back to training mode; no random draw is taken, so a run with
     evaluations follows the same path as one without."""
+    start = time.perf_counter()
     side = None if stage.role == "teacher" else cfg.lr_side()
     transform = None if side is None else (lambda x: degrade(x, side, cfg.variant))
     accs = {name: r["accuracy"] for name, r in verify_sets(t.model, data.eval_sets, cfg.eval_protocol, transform,
@@ -311,7 +313,7 @@ def log_eval(log, bar, cfg: Config, stage: Stage, t: Trainer, data: TrainData, d
     log.flush()
     shown = ", ".join(f"{k} {100 * v:.2f}%" for k, v in accs.items())
     bar.write(f"[{stage.dirname}] step {t.step}: verification ({'HR' if side is None else f'LR {side} px'}) {shown}")
-    return row
+    return time.perf_counter() - start
 
 
 def load_frozen(path: Path, cfg: Config, device: torch.device) -> tuple[torch.nn.Module, ArcFace]:

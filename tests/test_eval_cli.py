@@ -34,7 +34,7 @@ def run(tmp_path_factory):
     return dst, out
 
 
-def test_training_on_a_pack_evaluates_on_its_bin(run):
+def test_training_on_a_pack_evaluates_on_its_bin(run, tmp_path):
     dst, out = run
     assert sorted(p.name for p in dst.iterdir()) == ["heldout.bin", "property", "train.idx", "train.rec"]
     assert (dst / "property").read_text().strip() == "4,112,112"  # 6 identities, 2 held out
@@ -43,6 +43,15 @@ def test_training_on_a_pack_evaluates_on_its_bin(run):
     assert [r["step"] for r in evals] == [1, 2] and set(evals[0]["eval"]) == {"heldout"}
     results = json.loads((out / "results.json").read_text())
     assert results["pairs"] == {"heldout": 20}
+    # evaluating during training takes no random draw: the same steps without it give the same losses
+    plain = tmp_path / "plain"
+    assert train_main(["--data", str(dst), "--out", str(plain), "--stage", "teacher", *SMALL]) == 0
+
+    def losses(run_dir):
+        lines = (run_dir / "teacher" / "metrics.jsonl").read_text().splitlines()
+        return [row["loss"] for row in map(json.loads, lines) if "loss" in row]
+
+    assert losses(plain) == losses(out)
     assert set(results["verification"]["heldout"]) == {"teacher (HR)", "teacher (LR)", "student askd (LR)"}
 
 

@@ -334,7 +334,7 @@ def test_interrupted_pack_leaves_no_pack(folder, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return b"x"
 
-    monkeypatch.setattr(pack_module, "encode", failing)
+    monkeypatch.setattr(pack_module, "encode_image", failing)
     with pytest.raises(KeyboardInterrupt):
         pack_folder(folder, tmp_path / "pack")
     assert list((tmp_path / "pack").iterdir()) == []  # neither the files nor their temporaries

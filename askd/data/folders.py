@@ -18,6 +18,7 @@ Images are decoded on each ``__getitem__``; callers may use DataLoader workers.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 EXTENSIONS = (".pgm", ".png", ".jpg", ".jpeg")
+ENCODINGS = ("png", "jpeg")  # what askd writes: PNG round-trips bit-exactly, JPEG is smaller
 LAYOUT = "ROOT/<identity>/<image>.{" + ",".join(e[1:] for e in EXTENSIONS) + "}"
 
 
@@ -91,6 +93,22 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
         left, top = (w - size) // 2, (h - size) // 2
         rgb = rgb.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
+
+
+def check_encoding(fmt: str, quality: int) -> None:
+    """ValueError unless ``fmt`` is one of ENCODINGS and ``quality`` an int in 1..100."""
+    if fmt not in ENCODINGS:
+        raise ValueError(f"unknown image format {fmt!r}; expected one of {list(ENCODINGS)}")
+    if not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be an int in 1..100, got {quality!r}")
+
+
+def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """PNG (lossless) or JPEG (``quality``) bytes of a uint8 (H,W,3) RGB array."""
+    buf = io.BytesIO()
+    options = {"quality": quality} if fmt == "jpeg" else {}
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format=fmt.upper(), **options)
+    return buf.getvalue()
 
 
 class ImageFolderFaces(Dataset):

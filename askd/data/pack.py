@@ -19,42 +19,20 @@ with one line on stderr for bad input.
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from PIL import Image
 from tqdm import tqdm
 
-from .folders import DataError, ImageFolderFaces, split_identities
+from .folders import ENCODINGS, DataError, ImageFolderFaces, check_encoding, encode_image, split_identities
 from .recordio import RecordWriter, pack_header
 from .verification_bin import make_bin
 
-FORMATS = ("jpeg", "png")
 FILES = ("train.rec", "train.idx", "property")
 MAX_KEY = 1 << 24  # header and identity records hold keys as float32 labels, exact only up to 2**24
-
-
-def encode(image: torch.Tensor, fmt: str = "jpeg", quality: int = 95) -> bytes:
-    """The JPEG or PNG bytes of a uint8 (3, H, W) RGB image."""
-    buf = io.BytesIO()
-    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-    if fmt == "jpeg":
-        pil.save(buf, format="JPEG", quality=quality)
-    else:
-        pil.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _check_options(fmt: str, quality: int) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
-    if not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise ValueError(f"JPEG quality must be an int in 1..100, got {quality!r}")
 
 
 def _identity_ranges(faces: ImageFolderFaces) -> list[range]:
@@ -73,7 +51,7 @@ def _write(faces: ImageFolderFaces, rec: Path, idx: Path, fmt: str, quality: int
         writer.write(0, pack_header((n + 1, n + 1 + len(ranges))))
         for key in tqdm(range(1, n + 1), desc="askd.data.pack", unit="img"):
             image, label = faces[key - 1]
-            writer.write(key, pack_header(label, id=key) + encode(image, fmt, quality))
+            writer.write(key, pack_header(label, id=key) + encode_image(image.permute(1, 2, 0).numpy(), fmt, quality))
         for label, keys in enumerate(ranges):
             writer.write(n + 1 + label, pack_header((keys.start, keys.stop), id=n + 1 + label))
 
@@ -114,7 +92,7 @@ def pack_folder(
 
     Returns a summary: ``dst``, ``images`` (N), ``identities`` (K), ``format``, ``bytes`` (size of train.rec).
     """
-    _check_options(fmt, quality)
+    check_encoding(fmt, quality)
     faces = ImageFolderFaces(src, size=size, identities=identities)
     if len(faces) + faces.num_classes + 1 > MAX_KEY:
         raise DataError(f"{src}: {len(faces)} images and {faces.num_classes} identities need record keys "
@@ -148,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                              "RecordIO pack DST/{train.rec,train.idx,property}.")
     ap.add_argument("src", help="image folder SRC/<identity>/<image>")
     ap.add_argument("dst", help="output folder (created if missing; an older pack there is replaced)")
-    ap.add_argument("--format", choices=FORMATS, default="jpeg", help="image encoding; png is lossless")
+    ap.add_argument("--format", choices=ENCODINGS, default="jpeg", help="image encoding; png is lossless")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality 1..100 (default 95)")
     ap.add_argument("--size", type=int, default=112, help="side of the square images (default 112)")
     ap.add_argument("--holdout", type=float, default=0.0,

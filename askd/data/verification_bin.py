@@ -34,10 +34,9 @@ import torch
 from PIL import Image
 
 from ..atomic import replacing
-from .folders import DataError, ImageFolderFaces, load_image
+from .folders import ENCODINGS, DataError, ImageFolderFaces, check_encoding, encode_image, load_image
 
 PROG = "askd.data.verification_bin"
-FORMATS = ("png", "jpeg")
 PROTOCOL = 4  # compact bytes opcodes; protocol=2 also suits Python 2 readers, at about 1.5x the size
 
 # ------------------------------------------------------------------------------------------- unpickling
@@ -237,10 +236,7 @@ def pair_indices(num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_encoding(fmt: str, quality: int, protocol: int) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown image format {fmt!r}; expected one of {list(FORMATS)}")
-    if not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
+    check_encoding(fmt, quality)
     if not isinstance(protocol, int) or not 0 <= protocol <= pickle.HIGHEST_PROTOCOL:
         raise ValueError(f"protocol must be an int in 0..{pickle.HIGHEST_PROTOCOL}, got {protocol!r}")
 
@@ -273,14 +269,6 @@ def _check_issame(issame) -> list[bool]:
     return [bool(f) for f in flags]
 
 
-def _encode(img: np.ndarray, fmt: str, quality: int) -> bytes:
-    """PNG (lossless) or JPEG bytes of a uint8 (H,W,3) RGB array."""
-    buf = io.BytesIO()
-    options = {"quality": quality} if fmt == "jpeg" else {}
-    Image.fromarray(np.ascontiguousarray(img)).save(buf, format=fmt.upper(), **options)
-    return buf.getvalue()
-
-
 def _dump(path: Path, encoded: list[bytes], flags: list[bool], protocol: int) -> None:
     """Pickle ``(encoded, flags)`` to ``path`` atomically (see askd.atomic); its folder must exist."""
     with replacing(path, make_parents=False) as tmp, open(tmp, "wb") as f:
@@ -308,7 +296,7 @@ def write_bin(
     if len(arrays) != 2 * len(flags):
         raise ValueError(f"got {len(arrays)} images for {len(flags)} issame flags; expected {2 * len(flags)} "
                          "(images 2i, 2i+1 form pair i)")
-    _dump(Path(path), [_encode(a, fmt, quality) for a in arrays], flags, protocol)
+    _dump(Path(path), [encode_image(a, fmt, quality) for a in arrays], flags, protocol)
 
 
 def make_bin(
@@ -336,7 +324,7 @@ def make_bin(
     faces = ImageFolderFaces(root, size, identities)
     idx_a, idx_b, issame = make_pairs([label for _, label in faces.samples], num_pairs, seed)
     order = torch.stack([idx_a, idx_b], 1).reshape(-1).tolist()  # a0, b0, a1, b1, ...
-    encoded = {i: _encode(faces[i][0].permute(1, 2, 0).numpy(), fmt, quality) for i in sorted(set(order))}
+    encoded = {i: encode_image(faces[i][0].permute(1, 2, 0).numpy(), fmt, quality) for i in sorted(set(order))}
     _dump(Path(path), [encoded[i] for i in order], issame.tolist(), protocol)
     return {"pairs": num_pairs, "same": int(issame.sum()), "images": len(encoded), "identities": faces.num_classes}
 
@@ -367,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--pairs", type=int, required=True, help="number of pairs (half genuine, half impostor)")
     make.add_argument("--seed", type=int, default=0, help="pair sampling seed")
     make.add_argument("--size", type=int, default=112, help="images are resized and cropped to SIZE x SIZE")
-    make.add_argument("--format", choices=FORMATS, default="png", help="png: lossless; jpeg: smaller")
+    make.add_argument("--format", choices=ENCODINGS, default="png", help="png: lossless; jpeg: smaller")
     make.add_argument("--quality", type=int, default=95, help="JPEG quality, 1..100")
     make.set_defaults(run=_make)
     info = commands.add_parser("info", help="read every image of a .bin and print what it holds")

@@ -114,11 +114,12 @@ def test_multi_part_record_written_by_hand(tmp_path):
 
     plain = part(0, b"plain record")
     split = part(1, first) + part(2, middle) + part(3, last)
-    (tmp_path / "x.rec").write_bytes(plain + split)
-    middle_at = len(plain) + len(part(1, first))
-    (tmp_path / "x.idx").write_text(f"5\t0\n9\t{len(plain)}\n7\t{middle_at}\n")  # 7: an offset into 9
+    (tmp_path / "x.rec").write_bytes(plain + split + plain)
+    middle_at, end_at = len(plain) + len(part(1, first)), len(plain) + len(split)
+    # 7: an offset into 9; opening frames only the first and last records, so reading 7 is what finds it
+    (tmp_path / "x.idx").write_text(f"5\t0\n9\t{len(plain)}\n7\t{middle_at}\n8\t{end_at}\n")
     with RecordReader(tmp_path / "x.rec", tmp_path / "x.idx") as reader:
-        assert reader.keys.tolist() == [5, 9, 7]
+        assert reader.keys.tolist() == [5, 9, 7, 8]
         assert reader.read(5) == b"plain record" and reader.read(9) == joined
         assert reader.read(9, limit=3).startswith(b"abc")
         with pytest.raises(DataError, match=rf"record 7 at byte {middle_at}: continuation flag 2, expected one "
@@ -193,16 +194,114 @@ def test_extra_labels(tmp_path):
     assert data.labels.tolist() == [1, 0] and data[0][1] == 1 and torch.equal(data[0][0], _as_chw(images[0]))
 
 
-def test_truncated_file_names_the_record(folder, tmp_path):
+def _packed(folder, tmp_path):
+    """(train.rec, train.idx, keys, offsets) of a PNG pack of ``folder``: header 0, images 1..6, identities 7..9."""
     pack_folder(folder, tmp_path / "pack", fmt="png")
-    rec = tmp_path / "pack" / "train.rec"
-    offset = RecordReader(rec, tmp_path / "pack" / "train.idx").offset(3)
-    rec.write_bytes(rec.read_bytes()[: offset + 100])
+    rec, idx = tmp_path / "pack" / "train.rec", tmp_path / "pack" / "train.idx"
+    reader = RecordReader(rec, idx)  # a valid pack opens
+    assert reader.keys.tolist() == list(range(10)) and reader.size == rec.stat().st_size
+    return rec, idx, reader.keys.tolist(), reader.offsets(reader.keys).tolist()
+
+
+def test_rec_cut_in_its_last_record_is_refused_at_open(folder, tmp_path):
+    rec, _, keys, offsets = _packed(folder, tmp_path)
+    size = rec.stat().st_size
+    rec.write_bytes(rec.read_bytes()[:-5])
+    with pytest.raises(DataError, match=rf"train\.rec: record {keys[-1]} at byte {offsets[-1]}: truncated: a part "
+                                        rf"of \d+ bytes would end at byte {size}, past the end of the file "
+                                        rf"\({size - 5} bytes\)"):
+        RecordDataset(tmp_path / "pack")
+
+
+def test_rec_cut_before_listed_records_is_refused_at_open(folder, tmp_path):
+    rec, _, keys, offsets = _packed(folder, tmp_path)
+    rec.write_bytes(rec.read_bytes()[: offsets[3] + 100])  # in record 3: records 4.. start past the end
+    with pytest.raises(DataError, match=rf"train\.idx: record 4 at byte {offsets[4]}: past the end of .*train\.rec "
+                                        rf"\({offsets[3] + 100} bytes\).*\(6 of 10 listed offsets are past it; is "
+                                        r"train\.idx the index of this \.rec, or was the \.rec cut short\?\)"):
+        RecordDataset(tmp_path / "pack")
+
+
+def test_idx_offset_past_the_end_is_refused_at_open(folder, tmp_path):
+    rec, idx, _, _ = _packed(folder, tmp_path)
+    size = rec.stat().st_size
+    idx.write_text(idx.read_text() + f"10\t{size + 400}\n")
+    with pytest.raises(DataError, match=rf"train\.idx: record 10 at byte {size + 400}: past the end of .*train\.rec "
+                                        rf"\({size} bytes\)"):
+        RecordDataset(tmp_path / "pack")
+    idx.write_text(idx.read_text().replace(f"\t{size + 400}\n", f"\t{size - 4}\n"))  # no room for a header
+    with pytest.raises(DataError, match=rf"record 10 at byte {size - 4}: past the end"):
+        RecordReader(rec, idx)
+
+
+@pytest.mark.parametrize("swap, key, after", [((3, 4), 3, 4), ((0, 9), 1, 9)])
+def test_idx_out_of_order_is_refused_at_open(folder, tmp_path, swap, key, after):
+    _, idx, _, offsets = _packed(folder, tmp_path)
+    lines = idx.read_text().splitlines(True)
+    a, b = swap
+    lines[a], lines[b] = lines[b], lines[a]  # key `key` is the first listed before a lower offset
+    idx.write_text("".join(lines))
+    with pytest.raises(DataError, match=rf"train\.idx: record {key} at byte {offsets[key]} is listed after record "
+                                        rf"{after} at byte {offsets[after]}; expected offsets increasing in \.idx "
+                                        r"order, at least 8 bytes \(a frame header\) apart"):
+        RecordDataset(tmp_path / "pack")
+
+
+def test_idx_with_a_repeated_offset_is_refused_at_open(folder, tmp_path):
+    _, idx, _, offsets = _packed(folder, tmp_path)
+    idx.write_text(idx.read_text().replace(f"5\t{offsets[5]}\n", f"5\t{offsets[4]}\n"))
+    with pytest.raises(DataError, match=rf"record 5 at byte {offsets[4]} is listed after record 4 at byte "
+                                        rf"{offsets[4]}; expected offsets increasing"):
+        RecordDataset(tmp_path / "pack")
+
+
+def test_idx_listing_fewer_records_is_refused_at_open(folder, tmp_path):
+    rec, idx, _, offsets = _packed(folder, tmp_path)
+    lines = idx.read_text().splitlines(True)
+    idx.write_text("".join(lines[:-1]))  # the last record not listed
+    with pytest.raises(DataError, match=rf"train\.rec: record 8 at byte {offsets[8]}: the last record in "
+                                        rf"train\.idx ends at byte {offsets[9]}, but the file has {rec.stat().st_size} "
+                                        r"bytes \(the \.idx lists fewer records"):
+        RecordDataset(tmp_path / "pack")
+    idx.write_text("".join(lines[1:]))  # the first record not listed
+    with pytest.raises(DataError, match=rf"train\.rec: record 1 at byte {offsets[1]}: the lowest offset in "
+                                        r"train\.idx; expected a record at byte 0"):
+        RecordDataset(tmp_path / "pack")
+    idx.write_text("")
+    with pytest.raises(DataError, match=rf"train\.idx lists no records, but .*train\.rec has {rec.stat().st_size}"):
+        RecordDataset(tmp_path / "pack")
+
+
+def test_trailing_bytes_after_the_last_record_are_refused_at_open(folder, tmp_path):
+    rec, _, _, _ = _packed(folder, tmp_path)
+    size = rec.stat().st_size
+    rec.write_bytes(rec.read_bytes() + bytes(12))
+    with pytest.raises(DataError, match=rf"ends at byte {size}, but the file has {size + 12} bytes"):
+        RecordDataset(tmp_path / "pack")
+
+
+def test_bad_frame_of_the_first_record_is_refused_at_open(folder, tmp_path):
+    rec, _, _, _ = _packed(folder, tmp_path)
+    raw = bytearray(rec.read_bytes())
+    raw[0:4] = b"\0\0\0\0"
+    rec.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"train\.rec: record 0 at byte 0: bad magic 0x00000000"):
+        RecordDataset(tmp_path / "pack")
+
+
+def test_empty_pack_opens(tmp_path):
+    (tmp_path / "x.rec").write_bytes(b"")
+    (tmp_path / "x.idx").write_text("")
+    assert len(RecordReader(tmp_path / "x.rec", tmp_path / "x.idx")) == 0
+
+
+def test_rec_shrunk_while_open_names_the_record(folder, tmp_path):
+    rec, _, _, offsets = _packed(folder, tmp_path)
     data = RecordDataset(tmp_path / "pack")
-    message = rf"train\.rec: record 3 at byte {offset}: truncated: a part of \d+ bytes would end at byte"
-    with pytest.raises(DataError, match=message):
+    rec.write_bytes(rec.read_bytes()[: offsets[3] + 100])
+    with pytest.raises(DataError, match=r"train\.rec: read \d+ of \d+ bytes at byte \d+; the file shrank while open"):
         data[2]
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError, match=r"train\.rec: \d+ bytes, \d+ when opened; the file shrank while open"):
         _ = data.labels
     assert data[1][1] == 0  # records before the cut still read
 

@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+import pickletools
 import re
 import struct
 
@@ -44,6 +45,38 @@ def _py2_pickle(bins: list[bytes], issame: list[bool]) -> bytes:
     return b"".join(out)
 
 
+def _cv2_style(array: np.ndarray, shape: tuple[int, int] = (-1, 1)) -> np.ndarray:
+    """JPEG bytes of ``array`` as ``cv2.imencode(".jpg", ...)[1]`` gives them: a uint8 (N,1) array (or ``shape``).
+
+    Pillow encodes them, at OpenCV's default quality of 95.
+    """
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return np.frombuffer(buf.getvalue(), np.uint8).reshape(shape)
+
+
+def _jpeg_decoded(encoded: np.ndarray) -> np.ndarray:
+    """uint8 (H,W,3) RGB of encoded bytes, decoded by Pillow directly: what read_bin must give for them."""
+    with Image.open(io.BytesIO(encoded.tobytes())) as img:
+        return np.array(img.convert("RGB"))
+
+
+def _as_numpy1(data: bytes) -> bytes:
+    """A protocol <= 3 pickle written by numpy 2, with every GLOBAL renamed from numpy._core to numpy.core.
+
+    That is how numpy 1.x wrote the same objects; no numpy 1 needed. GLOBAL is a text opcode and protocol 3 has
+    no frames, so only the renamed opcodes change; located by pickletools, never matched inside image bytes.
+    """
+    out, end = [], 0
+    for op, arg, pos in pickletools.genops(data):
+        if op.name == "GLOBAL" and arg.startswith("numpy._core."):
+            module, name = arg.split(" ")
+            out += [data[end:pos], b"c", module.replace("numpy._core.", "numpy.core.", 1).encode(), b"\n",
+                    name.encode(), b"\n"]
+            end = pos + len(module) + len(name) + 3  # the opcode byte and two newlines
+    return b"".join(out) + data[end:]
+
+
 def _write_bytes(path, data: bytes):
     path.write_bytes(data)
     return path
@@ -51,6 +84,12 @@ def _write_bytes(path, data: bytes):
 
 def _write(path, obj, protocol: int = 4):
     return _write_bytes(path, pickle.dumps(obj, protocol=protocol))
+
+
+def _smooth(seed: int, h: int = 32, w: int = 24) -> np.ndarray:
+    """(h, w, 3) uint8: random 4x4 colours upscaled, an image that JPEG keeps close."""
+    small = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    return np.array(small.resize((w, h), Image.Resampling.BILINEAR))
 
 
 class _Flat(nn.Module):
@@ -152,6 +191,39 @@ def test_numpy_1x_module_paths(tmp_path):
     assert np.array_equal(got[1], images[1]) and flags == [True]
 
 
+@pytest.mark.parametrize("shape", [(-1, 1), (1, -1)])
+def test_cv2_imencode_arrays(tmp_path, shape):
+    # real InsightFace .bin files hold cv2.imencode output: (N,1) uint8 arrays of JPEG bytes
+    images = [_smooth(seed) for seed in range(4)]
+    bins = [_cv2_style(a, shape) for a in images]
+    assert bins[0].ndim == 2 and 1 in bins[0].shape and bins[0].dtype == np.uint8
+    got, flags = read_bin(_write(tmp_path / "cv2.bin", (bins, [True, False]), protocol=4))
+    assert all(np.array_equal(g, _jpeg_decoded(b)) for g, b in zip(got, bins, strict=True)) and flags == [True, False]
+    assert all(np.abs(g.astype(int) - a).mean() < 3 for g, a in zip(got, images, strict=True))  # the right images
+    tensors, _ = read_bin_tensors(tmp_path / "cv2.bin")
+    assert torch.equal(tensors[3], torch.from_numpy(got[3]).permute(2, 0, 1))
+
+
+def test_numpy_1x_protocol_3_pickle(tmp_path):
+    # what numpy 1.x's pickle.dump(..., protocol=3) wrote: GLOBAL opcodes naming numpy.core.multiarray
+    images = [_smooth(seed) for seed in range(2)]
+    bins = [_cv2_style(images[0]), _cv2_style(images[1], (1, -1))]
+    data = _as_numpy1(pickle.dumps((bins, [np.bool_(True)]), protocol=3))
+    assert data[:2] == b"\x80\x03" and b"numpy._core" not in data
+    ops = {arg for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+    assert ops == {"numpy.core.multiarray _reconstruct", "numpy.core.multiarray scalar", "numpy ndarray", "numpy dtype"}
+    got, flags = read_bin(_write_bytes(tmp_path / "old3.bin", data))
+    assert all(np.array_equal(g, _jpeg_decoded(b)) for g, b in zip(got, bins, strict=True)) and flags == [True]
+    assert type(flags[0]) is bool
+
+
+@pytest.mark.parametrize("name", ["numpy.core.multiarray fromfile", "numpy.core.numeric load", "numpy.core os"])
+def test_numpy_core_allows_only_the_rebuilding_globals(tmp_path, name):
+    data = b"\x80\x03c" + name.replace(" ", "\n").encode() + b"\n."
+    with pytest.raises(DataError, match=rf"refusing to load global {re.escape(name.replace(' ', '.'))} from"):
+        read_bin(_write_bytes(tmp_path / "g.bin", data))
+
+
 # -------------------------------------------------------------------------------------- refused globals
 
 
@@ -214,8 +286,17 @@ def _png_pair():
         ((_png_pair(), [True], None), r"holds a tuple of length 3; expected a 2-tuple"),
         (("ab", [True]), r"the image list is a str; expected a list"),
         ((_png_pair(), np.ones((1, 1), bool)), r"the issame list is an ndarray of shape \(1, 1\) bool"),
-        (([_png_pair()[0], 5], [True]), r"image 1 is an int; expected encoded image bytes or a 1-D uint8"),
+        (([_png_pair()[0], 5], [True]), r"image 1 is an int; expected encoded image bytes or a uint8 numpy array "
+                                        r"of shape \(N,\), \(N, 1\) or \(1, N\)"),
         (([_png_pair()[0], np.zeros(3, np.float32)], [True]), r"image 1 is an ndarray of shape \(3,\) float32"),
+        (([_png_pair()[0], _cv2_style(_random(1)[0]).astype(np.int8)], [True]), r"image 1 is an ndarray of shape "
+                                                                                r"\(\d+, 1\) int8; expected"),
+        (([_cv2_style(_random(1)[0]).astype(np.float32), b""], [True]), r"image 0 is an ndarray .* float32; expected"),
+        (([_png_pair()[0], np.zeros((4, 6), np.uint8)], [True]), r"image 1 is an ndarray of shape \(4, 6\) uint8; "
+                                                                 r"expected encoded image bytes or a uint8"),
+        (([_png_pair()[0], np.zeros((8, 1, 1), np.uint8)], [True]), r"image 1 is an ndarray of shape \(8, 1, 1\)"),
+        (([_png_pair()[0], np.uint8(7)], [True]), r"image 1 is a uint8; expected encoded image bytes"),
+        (([_png_pair()[0], np.array(7, np.uint8)], [True]), r"image 1 is an ndarray of shape \(\) uint8"),
         ((_png_pair(), ["yes"]), r"issame\[0\] is 'yes' \(str\); expected a bool"),
         ((_png_pair(), [1]), r"issame\[0\] is 1 \(int\); expected a bool"),
     ],

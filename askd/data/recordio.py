@@ -23,6 +23,9 @@ A ``RecordDataset`` item is ``(image, label)``: image uint8 (3, size, size) RGB,
 the first bytes of each record, never an image. The ``.rec`` is opened lazily once per process, so a
 Dataset shared with forked DataLoader workers never shares a file position; it pickles without the handle.
 Bad data raises a DataError that names the file, the record key and byte offset, and what was expected.
+RecordIO has no checksum: a flipped byte inside an image decodes to a slightly different image, without error.
+Opening a pack checks cheaply that its .idx and .rec agree (offsets against the file size, the framing of the
+first and last records); a record's own framing is checked when it is read.
 """
 
 from __future__ import annotations
@@ -233,6 +236,10 @@ class RecordReader:
 
     ``keys`` (int64 (L,), .idx order); ``read(key)`` the joined payload; ``prefixes`` the first bytes of many
     records at once. Picklable; the .rec is opened on first use in each process.
+
+    Opening checks that the two files agree (RecordIO has no checksum, so this is all the checking there is
+    before a record is read): every offset inside the .rec and increasing in .idx order, the first record at
+    byte 0 and the last ending at the end of the file, both with sound frames. A DataError says what disagrees.
     """
 
     def __init__(self, rec_path: str | Path, idx_path: str | Path):
@@ -246,6 +253,61 @@ class RecordReader:
         self._sorted = self.keys[self._order]
         self.size = self.rec_path.stat().st_size
         self._file, self._pid = None, None
+        try:
+            self._check_layout()
+        finally:  # keep the documented laziness: the .rec is opened on first use, not held from here on
+            self.close()
+
+    def _check_layout(self) -> None:
+        """DataError unless the .idx and .rec agree: offsets in the file, increasing, first at 0, last ending at EOF.
+
+        Cheap whatever the size of the .rec (RecordIO has no checksum, and reading a 100 GB file to check it is
+        not an option): the offsets are checked in memory, and only the first and the last record are framed.
+        """
+        offsets = self._offsets
+        if not len(offsets):
+            if self.size:
+                raise DataError(f"{self.idx_path} lists no records, but {self.rec_path} has {self.size} bytes")
+            return
+        self._check_offsets(offsets)
+        first, last = 0, len(offsets) - 1  # increasing, so these are the lowest and highest offsets
+        if offsets[first]:
+            raise DataError(f"{self.where(int(self.keys[first]), int(offsets[first]))}: the lowest offset in "
+                            f"{self.idx_path.name}; expected a record at byte 0 (the .idx lists fewer records than "
+                            "the .rec holds)")
+        self._span(int(self.keys[first]), int(offsets[first]))
+        end = self._span(int(self.keys[last]), int(offsets[last]))
+        if end != self.size:
+            raise DataError(f"{self.where(int(self.keys[last]), int(offsets[last]))}: the last record in "
+                            f"{self.idx_path.name} ends at byte {end}, but the file has {self.size} bytes "
+                            f"(the .idx lists fewer records than the .rec holds, or the .rec has trailing data)")
+
+    def _check_offsets(self, offsets: np.ndarray) -> None:
+        """DataError naming the first .idx offset past the end of the .rec, or not after its predecessor's frame."""
+        past = np.flatnonzero(offsets + _FRAME.size > self.size)
+        if len(past):
+            i = int(past[0])
+            raise DataError(f"{self.idx_path}: record {int(self.keys[i])} at byte {int(offsets[i])}: past the end "
+                            f"of {self.rec_path} ({self.size} bytes), which has no room there for an 8-byte frame "
+                            f"header ({len(past)} of {len(offsets)} listed offsets are past it; is "
+                            f"{self.idx_path.name} the index of this .rec, or was the .rec cut short?)")
+        # writers list records in the order they append them, so each offset is past the previous frame header
+        close = np.flatnonzero(np.diff(offsets) < _FRAME.size)
+        if len(close):
+            i = int(close[0]) + 1
+            raise DataError(f"{self.idx_path}: record {int(self.keys[i])} at byte {int(offsets[i])} is listed after "
+                            f"record {int(self.keys[i - 1])} at byte {int(offsets[i - 1])}; expected offsets "
+                            f"increasing in .idx order, at least {_FRAME.size} bytes (a frame header) apart")
+
+    def _span(self, key: int, start: int) -> int:
+        """The byte just past record ``key`` at ``start``, its parts' frames checked as ``read`` checks them."""
+        part, allowed = start, (WHOLE, FIRST)
+        while True:
+            length, cflag = self._frame(key, start, part, allowed)
+            part += _FRAME.size + _padded(length)
+            if cflag in (WHOLE, LAST):
+                return part
+            allowed = (MIDDLE, LAST)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -322,6 +384,8 @@ class RecordReader:
         if self.size < _FRAME.size + n:
             return out, ok
         rec = np.memmap(self.rec_path, np.uint8, mode="r")  # page faults, not Python calls, per record
+        if len(rec) < self.size:  # the offsets were checked against the size at open; indexing would fail
+            raise DataError(f"{self.rec_path}: {len(rec)} bytes, {self.size} when opened; the file shrank while open")
         for lo in range(0, len(offsets), _CHUNK):
             at = offsets[lo : lo + _CHUNK]
             inside = at + _FRAME.size + n <= self.size

@@ -2,8 +2,9 @@
 
 Format: a pickle of ``(bins, issame)``, a 2-tuple or list. ``bins`` holds 2P encoded images (JPEG or PNG
 bytes); images 2i and 2i+1 form pair i, and ``issame`` holds P bools (True: one identity). Files written by
-Python 2 hold ``str`` objects, which load as bytes with ``encoding='bytes'``; newer files may hold 1-D numpy
-uint8 arrays of the encoded bytes and numpy bools instead. Both kinds are read.
+Python 2 hold ``str`` objects, which load as bytes with ``encoding='bytes'``; newer files may hold numpy uint8
+arrays of the encoded bytes, (N,) or the (N,1) that ``cv2.imencode`` gives, and numpy bools instead. Both kinds
+are read, as are the ``numpy.core`` globals of numpy 1.x pickles under numpy 2.
 
 A .bin is untrusted input, and unpickling can run any callable the file names. :func:`read_bin` therefore
 uses a restricted unpickler that resolves only the numpy globals that rebuild arrays, dtypes and scalars,
@@ -114,7 +115,7 @@ def _unpickle(path: Path) -> object:
 def _describe(obj) -> str:
     """'a list of length 3', 'an int', ... for error messages."""
     name = type(obj).__name__
-    article = "an" if name[0] in "aeiou" else "a"
+    article = "an" if name[0] in "aeio" else "a"  # "a uint8"
     if isinstance(obj, np.ndarray):
         return f"an ndarray of shape {obj.shape} {obj.dtype}"
     if isinstance(obj, (list, tuple)):
@@ -153,13 +154,25 @@ def _split(obj, where: str) -> tuple[list, list[bool]]:
 # --------------------------------------------------------------------------------------------- decoding
 
 
+def _is_byte_vector(item) -> bool:
+    """Whether ``item`` is a uint8 numpy array of shape (N,), (N,1) or (1,N): one run of encoded bytes.
+
+    ``cv2.imencode(...)[1]`` gives (N,1), which real InsightFace .bin files hold. Any strides will do:
+    ``tobytes`` reads in logical order, and a single row or column has only one such order.
+    """
+    if not isinstance(item, np.ndarray) or item.dtype != np.uint8:
+        return False
+    return item.ndim == 1 or (item.ndim == 2 and 1 in item.shape)
+
+
 def _encoded(item, i: int, where: str) -> bytes:
-    """The encoded bytes of image item ``i``: bytes (Python 2 str) or a 1-D uint8 numpy array."""
+    """The encoded bytes of image item ``i``: bytes (Python 2 str) or a uint8 numpy array (N,), (N,1) or (1,N)."""
     if isinstance(item, (bytes, bytearray)):
         return bytes(item)
-    if isinstance(item, np.ndarray) and item.ndim == 1 and item.dtype == np.uint8:
+    if _is_byte_vector(item):
         return item.tobytes()
-    raise DataError(f"{where}: image {i} is {_describe(item)}; expected encoded image bytes or a 1-D uint8 numpy array")
+    raise DataError(f"{where}: image {i} is {_describe(item)}; expected encoded image bytes or a uint8 numpy "
+                    "array of shape (N,), (N, 1) or (1, N) holding them")
 
 
 def _decode(data: bytes, size: int | None) -> np.ndarray:

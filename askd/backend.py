@@ -1,8 +1,9 @@
 """Backend selection for the fused ops: which of torch / triton / ext can run on a device, and which to use.
 
-``torch`` is the plain PyTorch implementation and always works. ``triton`` uses the kernels in the top-level
-``kernels`` package, ``ext`` the ops that ``askd._C`` registers in ``torch.ops.askd`` (:data:`FUSED_OPS` names
-both for each fused op). A backend counts as available once it implements every fused op for the device type.
+``torch`` is the plain PyTorch implementation and always works. ``triton`` uses the kernels of the
+``askd.kernels`` package (the repository's ``kernels/`` folder), ``ext`` the ops that ``askd._C`` registers
+in ``torch.ops.askd`` (:data:`FUSED_OPS` names both for each fused op). A backend counts as available once it
+implements every fused op for the device type.
 ``auto`` picks the first available backend in :data:`AUTO_ORDER` and always ends at ``torch``.
 """
 
@@ -20,8 +21,8 @@ from . import _ext
 BACKENDS = ("torch", "triton", "ext", "auto")
 # fused op -> (its Triton module, its compiled ops in torch.ops.askd)
 FUSED_OPS = {
-    "cbam": ("kernels.cbam", ("cbam_forward", "cbam_backward")),
-    "attention_distill": ("kernels.cosine_distill", ("cosine_distill_forward", "cosine_distill_backward")),
+    "cbam": ("askd.kernels.cbam", ("cbam_forward", "cbam_backward")),
+    "attention_distill": ("askd.kernels.cosine_distill", ("cosine_distill_forward", "cosine_distill_backward")),
 }
 ENV_VAR = "ASKD_BACKEND"
 # Fastest first, torch last so auto never fails. CPU: ext measured faster than torch (bench/results); Triton
@@ -62,12 +63,12 @@ def _triton_import_error() -> str | None:
 
 @functools.cache
 def _triton_kernel_problems() -> dict[str, str]:
-    """op -> problem, for each fused op without an importable ``kernels.<op>`` module."""
+    """op -> problem, for each fused op without an importable ``askd.kernels.<op>`` module."""
     problems = {}
     for op, (name, _) in FUSED_OPS.items():
         try:
             spec = importlib.util.find_spec(name)
-        except ModuleNotFoundError:  # no `kernels` package at all
+        except ModuleNotFoundError:  # no `askd.kernels` package at all
             spec = None
         if spec is None:
             problems[op] = "missing"

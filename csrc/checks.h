@@ -46,13 +46,15 @@ inline bool is_kernel_float(at::ScalarType s) {
 // acc: the dtype maps and statistics are kept in (float64 for float64 inputs, else float32)
 inline at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-// x (B,C,H,W) float; w1 (R,C), w2 (C,R), ws (2,k,k) float on x's device, k in {3,7}.
+// x (B,C,H,W) float, B >= 0, C, H, W > 0; w1 (R,C), w2 (C,R), ws (2,k,k) float on x's device, k in {3,7}.
 inline void check_cbam_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& ws,
                               const char* op) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be (B,C,H,W), got shape ", shape_str(x.sizes()));
   TORCH_CHECK(is_kernel_float(x.scalar_type()), op, ": x must be float32, float64, bfloat16 or float16, got ",
               at::toString(x.scalar_type()));
-  TORCH_CHECK(x.numel() > 0, op, ": x must not be empty, got shape ", shape_str(x.sizes()));
+  // B = 0 is an empty batch (empty outputs, as in PyTorch); an empty C, H or W has no max to pool
+  TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op, ": x must have C, H and W > 0, got shape ",
+              shape_str(x.sizes()));
   const int64_t C = x.size(1);
   TORCH_CHECK(w1.dim() == 2 && w1.size(0) >= 1, op, ": w1 must be (R,", C, "), got ", shape_str(w1.sizes()));
   const int64_t R = w1.size(0);
@@ -85,12 +87,15 @@ inline void check_cbam_saved(const at::Tensor& x, const at::Tensor& a_c, const a
   }
 }
 
-// teacher and student: M > 0 maps each, map j of the same shape (B, ...) in both lists, one float dtype, one device.
+// teacher and student: M > 0 maps each, map j of the same shape (B, ...) in both lists, B > 0, one float dtype,
+// one device.
 inline void check_distill_maps(at::TensorList teacher, at::TensorList student, const char* op) {
   TORCH_CHECK(!student.empty() && teacher.size() == student.size(), op,
               ": need as many teacher as student maps (> 0), got ", teacher.size(), " and ", student.size());
   const auto& first = student[0];
   TORCH_CHECK(first.dim() >= 2, op, ": student map 0 must be (B, ...), got shape ", shape_str(first.sizes()));
+  // the loss is a mean over the batch: undefined for an empty one (askd.ops.cosine_distill.check_maps says why)
+  TORCH_CHECK(first.size(0) > 0, op, ": the distillation loss needs at least one sample, got batch size 0");
   TORCH_CHECK(is_kernel_float(first.scalar_type()), op, ": maps must be float32, float64, bfloat16 or float16, got ",
               at::toString(first.scalar_type()));
   for (size_t j = 0; j < student.size(); ++j) {

@@ -8,8 +8,9 @@ cdiv(C, BLOCK_C)). The channel MLP and the kxk spatial conv act on (B,2,C) and (
 
 Numerics: loads are cast to ACC (float32, float64 for float64 x) and every sum, max and product is taken in
 ACC; y and dx are cast to x's dtype on store. x * g_c is recomputed (never stored) and in the same order as
-the reference, so the spatial max/argmax see the same values. Argmaxes keep the first index on ties; NaNs
-are not propagated by the max (an all-finite input is assumed). Offsets are 64-bit.
+the reference, so the spatial max/argmax see the same values. Max-pools follow torch.max: a NaN ranks above
+every number (the max is NaN and the argmax the first NaN), otherwise the first index wins ties. Offsets are
+64-bit.
 """
 
 from __future__ import annotations
@@ -37,6 +38,26 @@ def _blocks(C: int, P: int, caps: tuple[int, int]) -> tuple[int, int]:
 
 
 @triton.jit
+def _block_max(v, idx, n, AXIS: tl.constexpr):
+    """(max, first argmax) of the tile v along AXIS as torch.max takes them: NaN where the tile holds a NaN, at
+    its first one. idx: each element's index (broadcast against v), below n except in -inf padding. tl.max
+    alone would not do: on a GPU it drops NaNs."""
+    is_nan = v != v
+    mx = tl.max(tl.where(is_nan, float("-inf"), v), axis=AXIS)
+    # one min finds both: key idx for a NaN, n + idx for a maximum, 2n for the rest
+    key = tl.where(is_nan, idx, tl.where(v == tl.expand_dims(mx, AXIS), idx + n, 2 * n))
+    first = tl.min(key, axis=AXIS)
+    has_nan = first < n
+    return tl.where(has_nan, float("nan"), mx), tl.where(has_nan, first, first - n)
+
+
+@triton.jit
+def _takes_max(v, m):
+    """Whether a later block's (max) v replaces the running max m: v > m, or v is the first NaN."""
+    return ((v > m) | (v != v)) & (m == m)
+
+
+@triton.jit
 def _cbam_chan_pool_kernel(
     x_ptr, chan_ptr, idx_c_ptr, C, P, sb, sc, sp,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -54,9 +75,8 @@ def _cbam_chan_pool_kernel(
         ok = c_ok[:, None] & (ps < P)[None, :]
         v = tl.load(rows + ps.to(tl.int64)[None, :] * sp, mask=ok, other=float("-inf")).to(ACC)
         total += tl.sum(tl.where(ok, v, 0.0), axis=1)
-        blk = tl.max(v, axis=1)
-        blk_i = tl.min(tl.where(v == blk[:, None], ps[None, :], P), axis=1)
-        better = blk > best  # strict: an equal later maximum keeps the earlier index
+        blk, blk_i = _block_max(v, ps[None, :], P, 1)
+        better = _takes_max(blk, best)  # strict: an equal later maximum keeps the earlier index
         best = tl.where(better, blk, best)
         best_i = tl.where(better, blk_i, best_i)
     out = chan_ptr + b * 2 * C + cs
@@ -86,9 +106,8 @@ def _cbam_spatial_pool_kernel(
         v = tl.load(cols + cs.to(tl.int64)[:, None] * sc, mask=ok, other=0.0).to(ACC) * g[:, None]
         total += tl.sum(v, axis=0)
         v = tl.where(ok, v, float("-inf"))
-        blk = tl.max(v, axis=0)
-        blk_i = tl.min(tl.where(v == blk[None, :], cs[:, None], C), axis=0)
-        better = blk > best
+        blk, blk_i = _block_max(v, cs[:, None], C, 0)
+        better = _takes_max(blk, best)
         best = tl.where(better, blk, best)
         best_i = tl.where(better, blk_i, best_i)
     out = pooled_ptr + b * 2 * P + ps
@@ -216,6 +235,10 @@ def forward(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> tuple[Tensor, ...]
     B, C, P, sb, sc, sp = _geometry(x)
     H, W = x.shape[2:]
     acc = acc_dtype(x.dtype)
+    if B == 0:  # an empty batch: empty outputs, and no launch on an empty grid
+        empty = [x.new_empty(shape, dtype=acc) for shape in ((0, C), (0, 1, H, W), (0, 2, C), (0, 2, H, W))]
+        idx = [x.new_empty(shape, dtype=torch.int32) for shape in ((0, C), (0, H, W))]
+        return torch.empty_like(x), empty[0], empty[1], empty[2], idx[0], empty[3], idx[1]
     meta = {"ACC": _TL_ACC[acc], "num_warps": _WARPS}
     chan = x.new_empty((B, 2, C), dtype=acc)
     idx_c = x.new_empty((B, C), dtype=torch.int32)
@@ -258,6 +281,8 @@ def backward(
     """dy (like x, same strides), da_c (B,C), da_s (B,1,H,W) and the forward's inputs and outputs
     -> dx (like x), dw1 (R,C), dw2 (C,R), dws (2,k,k), each in its input's dtype."""
     B, C, P, sb, sc, sp = _geometry(x)
+    if B == 0:  # an empty batch: empty dx, weight gradients summed over no samples, no launch (any dy strides)
+        return torch.empty_like(x), torch.zeros_like(w1), torch.zeros_like(w2), torch.zeros_like(ws)
     if dy.stride() != x.stride():
         raise ValueError(f"triton CBAM: dy must have x's strides {x.stride()}, got {dy.stride()}")
     acc = a_c.dtype

@@ -13,7 +13,8 @@ Grid (B, M) for both launches: program (b, j) reduces or writes row b of map j i
 stats[j,b] = (dot, |t|^2, |s|^2) in ACC (float32; float64 for float64 maps); the last program to finish
 (an acq_rel atomic counter) sums the loss over all (j, b) in a fixed order, so the loss is deterministic
 with one launch. Backward: d s = -grad * scale / B * (t / n - dot / max(n |s|^2, eps) * s), n = |t| |s|,
-or -grad * scale / B * t / eps where n <= eps; stored in the maps' dtype.
+or -grad * scale / B * t / eps where n <= eps; stored in the maps' dtype. A NaN in a row makes n NaN and so,
+as in PyTorch, that row's whole gradient. B must be > 0: the mean over an empty batch is undefined.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.
 _BLOCK = 1024  # elements of one row per step (maps are up to 56*56 = 3136 values per sample)
 _BLOCK_LOSS = 256  # (j, b) rows per step of the final loss sum
 _WARPS = 4
+
+
+@triton.jit
+def _clamp_min(v, lo):
+    """max(v, lo) keeping NaN, as torch.clamp_min does (tl.maximum drops NaN on a GPU)."""
+    return tl.where(v < lo, lo, v)
 
 
 @triton.jit
@@ -85,7 +92,7 @@ def _loss_sum(stats_ptr, loss_ptr, rows, B, scale, ACC: tl.constexpr, EPS: tl.co
         dot = tl.load(stats_ptr + r * 3, mask=ok, other=0.0, volatile=True)
         tt = tl.load(stats_ptr + r * 3 + 1, mask=ok, other=0.0, volatile=True)
         ss = tl.load(stats_ptr + r * 3 + 2, mask=ok, other=0.0, volatile=True)
-        total += tl.where(ok, 1 - dot / tl.maximum(tl.sqrt(tt) * tl.sqrt(ss), EPS), 0.0)
+        total += tl.where(ok, 1 - dot / _clamp_min(tl.sqrt(tt) * tl.sqrt(ss), EPS), 0.0)
     tl.store(loss_ptr, scale * (tl.sum(total, axis=0) / B))
 
 
@@ -105,9 +112,10 @@ def _cosine_distill_bwd_kernel(
     row = stats_ptr + (j * B + b) * 3
     dot, tt, ss = tl.load(row), tl.load(row + 1), tl.load(row + 2)
     n = tl.sqrt(tt) * tl.sqrt(ss)
-    big = n > EPS
-    n = tl.maximum(n, EPS)
-    k = dot / tl.maximum(n * ss, EPS)
+    # a NaN n (a NaN anywhere in the row) takes the first branch: the whole row's gradient is NaN, as in torch
+    big = (n > EPS) | (n != n)
+    n = _clamp_min(n, EPS)
+    k = dot / _clamp_min(n * ss, EPS)
     coef = -tl.load(grad_ptr) * scale / B
     for start in range(0, d, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -126,6 +134,11 @@ def _table(device: torch.device, scale: float, *columns: list[int]) -> Tensor:
 def _check(teacher: list[Tensor], student: list[Tensor]) -> tuple[int, int, torch.dtype, list[int]]:
     """(M, B, the maps' dtype, D_j for each map), or a ValueError naming the map that does not fit."""
     dtype = student[0].dtype
+    if student[0].dim() and student[0].shape[0] == 0:
+        raise ValueError(
+            f"triton distillation loss: the distillation loss needs at least one sample, got batch size 0 "
+            f"(map 0 has shape {tuple(student[0].shape)})"
+        )
     if dtype not in _TL:
         raise ValueError(f"triton distillation loss: maps must be float32/64, bfloat16 or float16, got {dtype}")
     for j, (t, s) in enumerate(zip(teacher, student, strict=True)):

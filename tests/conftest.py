@@ -1,6 +1,6 @@
 """Session-wide test settings.
 
-Triton picks its interpreter when a kernel is decorated, i.e. when ``kernels.*`` is first imported, which the
+Triton picks its interpreter when a kernel is decorated, i.e. when ``askd.kernels.*`` is first imported, which the
 backend probe may do while collecting any test module. Without a GPU the Triton kernels can only run under
 the interpreter, so it is switched on here, before any test module is imported.
 """

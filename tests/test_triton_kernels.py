@@ -1,4 +1,4 @@
-"""The Triton kernels (``kernels.cbam``, ``kernels.cosine_distill``) against the written-out references in
+"""The Triton kernels (``askd.kernels.cbam``, ``askd.kernels.cosine_distill``) against the written-out references in
 :mod:`askd.ops`: values, maps, indices, gradients, layouts, odd sizes, the registered ops (opcheck) and one
 ``torch.compile(fullgraph=True)`` with a backward.
 
@@ -19,6 +19,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not importable: the Triton kernels cannot be tested")
 
+from askd.kernels import cbam as triton_cbam  # noqa: E402
+from askd.kernels import cosine_distill as triton_distill  # noqa: E402
 from near_ties import check_argmax  # noqa: E402
 
 from askd.ops.cbam import cbam, cbam_backward_ref, cbam_forward_ref, fused_cbam  # noqa: E402
@@ -29,8 +31,6 @@ from askd.ops.cosine_distill import (  # noqa: E402
     cosine_distill_ref,
     fused_cosine_distill,
 )
-from kernels import cbam as triton_cbam  # noqa: E402
-from kernels import cosine_distill as triton_distill  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -224,7 +224,7 @@ COMPILE_ALL = """
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import cbam, cosine_distill
+from askd.kernels import cbam, cosine_distill
 
 pointer = {"x_ptr": "*bf16", "y_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", "table_ptr": "*i64",
            "idx_c_ptr": "*i32", "idx_s_ptr": "*i32", "count_ptr": "*i32"}

@@ -22,7 +22,7 @@ import torch
 
 from .. import backend as backends
 from ..models import check_variant
-from ..ops.cosine_distill import cosine_distill
+from ..ops.cosine_distill import check_batch, cosine_distill
 
 EPS = 1e-8
 MapPair = tuple[torch.Tensor, torch.Tensor]
@@ -45,6 +45,7 @@ def _check_maps(teacher_maps: Sequence[MapPair], student_maps: Sequence[MapPair]
             f"got {len(teacher_maps)} and {len(student_maps)}"
         )
     batch = student_maps[0][0].shape[0] if student_maps[0] and student_maps[0][0].dim() else None
+    check_batch(batch)  # B = 0: a clear error in every backend, not NaN or a reshape error
     for i, (tp, sp) in enumerate(zip(teacher_maps, student_maps, strict=True)):
         if len(tp) != 2 or len(sp) != 2:
             raise ValueError(f"block {i}: expected a (channel_map, spatial_map) pair from each model")
@@ -67,7 +68,11 @@ def attention_distill_loss(
     weight: float = 5.0,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """The A-SKD loss over all blocks, a scalar (fp32, or fp64 for fp64 maps)."""
+    """The A-SKD loss over all blocks, a scalar (fp32, or fp64 for fp64 maps).
+
+    Every backend raises a ValueError for an empty batch (B = 0): the mean over no samples is undefined. A NaN in
+    a sample's map makes its loss term and its whole gradient row NaN in every backend.
+    """
     check_variant(variant)
     _check_maps(teacher_maps, student_maps)
     name = backends.resolve_constant(backend, student_maps[0][0].device.type)

@@ -15,8 +15,10 @@ Forward (``cbam_forward_ref``), returning what backward needs instead of the cha
 
     -> y, a_c, a_s, chan (B,2,C), idx_c (B,C) int32, pooled (B,2,H,W), idx_s (B,H,W) int32
 
-Argmaxes take the first index on ties, as ``torch.max(dim)`` does. Backward (``cbam_backward_ref``), given
-dy, da_c, da_s (the gradients of y and of both maps)::
+Argmaxes take the first index on ties, as ``torch.max(dim)`` does, and like it every max-pool ranks NaN above
+every number (the max is NaN, the argmax its first NaN), so a NaN in x spreads as in PyTorch. B may be 0: every
+output is then empty and the weight gradients are zero, with no kernel launched. Backward
+(``cbam_backward_ref``), given dy, da_c, da_s (the gradients of y and of both maps)::
 
     dg_s[b,p]  = sum_c dy * x * g_c                           reduce over C
     ga_s       = da_s + dg_s * g_s * (1 - g_s);   dpooled, dws = conv_k backward of ga_s
@@ -28,13 +30,14 @@ dy, da_c, da_s (the gradients of y and of both maps)::
     -> dx (like x), dw1, dw2, dws (each in its weight's dtype)
 
 The ops ``askd::fused_cbam`` / ``askd::fused_cbam_backward`` dispatch to a backend by name (``triton``:
-``kernels.cbam``; ``ext``: ``torch.ops.askd.cbam_forward`` / ``cbam_backward``; ``reference``: the
+``askd.kernels.cbam``; ``ext``: ``torch.ops.askd.cbam_forward`` / ``cbam_backward``; ``reference``: the
 functions here, for testing the glue) and carry fake kernels and autograd, so ``torch.compile`` treats a
 CBAM block as one opaque node without graph breaks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -144,14 +147,24 @@ def _impl(backend: str):
     if backend == "ext":
         return _Ext
     if backend == "triton":
-        return importlib.import_module("kernels.cbam")
+        return importlib.import_module("askd.kernels.cbam")
     raise ValueError(f"fused CBAM has no backend {backend!r}; expected triton, ext or reference")
+
+
+def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on x's device: the contract keeps maps and statistics in acc, and autocast would recast the
+    backends' matmuls and convolutions on them (Triton's glue, the reference) to its low precision."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @torch.library.custom_op("askd::fused_cbam", mutates_args=())
 def fused_cbam(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor, backend: str) -> Outputs:
     """Fused CBAM forward through ``backend``; outputs as :func:`cbam_forward_ref`."""
-    return tuple(_impl(backend).forward(x, w1, w2, ws))
+    with _no_autocast(x):
+        return tuple(_impl(backend).forward(x, w1, w2, ws))
 
 
 def _fake_forward(x, w1, w2, ws):
@@ -174,7 +187,8 @@ def fused_cbam_backward(
     a_c: Tensor, a_s: Tensor, chan: Tensor, idx_c: Tensor, pooled: Tensor, idx_s: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Fused CBAM backward through ``backend``; outputs as :func:`cbam_backward_ref`."""
-    return tuple(_impl(backend).backward(dy, da_c, da_s, x, w1, w2, ws, a_c, a_s, chan, idx_c, pooled, idx_s))
+    with _no_autocast(x):
+        return tuple(_impl(backend).backward(dy, da_c, da_s, x, w1, w2, ws, a_c, a_s, chan, idx_c, pooled, idx_s))
 
 
 def _fake_backward(dy, da_c, da_s, x, w1, w2, ws, *saved):
@@ -221,7 +235,8 @@ def cbam(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor, backend: str) -> tuple[T
 
 
 def check_inputs(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> None:
-    """Raise a ValueError naming the tensor, expected and actual shape, dtype or device on bad input."""
+    """Raise a ValueError naming the tensor, expected and actual shape, dtype or device on bad input, and where
+    x's dtype does not fit the weights' as PyTorch's CBAM would (:func:`check_dtypes`)."""
     if x.dim() != 4:
         raise ValueError(f"fused CBAM: x must be (B,C,H,W), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -238,3 +253,36 @@ def check_inputs(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> None:
             raise ValueError(f"fused CBAM: {name} must be floating point, got {w.dtype}")
     if ws.shape[-1] not in (3, 7):
         raise ValueError(f"fused CBAM: ws must be (2,3,3) or (2,7,7), got {tuple(ws.shape)}")
+    if x.shape[1] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+        # B = 0 is fine (an empty batch, empty outputs, as in PyTorch); an empty C, H or W has no max to pool
+        raise ValueError(f"fused CBAM: x must have C, H and W > 0, got shape {tuple(x.shape)}")
+    check_dtypes(x, {"w1": w1, "w2": w2, "ws": ws})
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type``, or None where autocast is off (or does not exist)."""
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def check_dtypes(x: Tensor, weights: dict[str, Tensor]) -> None:
+    """Raise a ValueError where PyTorch's CBAM (:mod:`askd.nn.cbam`, backend torch) raises a dtype mismatch.
+
+    Its convolutions need x and each weight in one dtype. Outside autocast that is their own dtype (float64 x
+    into a float32 module raises); under autocast it is the dtype autocast hands the convolution: the autocast
+    dtype for every floating tensor but a float64 one, which autocast leaves alone. So bfloat16 or float32 x
+    with float32 weights runs under bfloat16 autocast, float64 x with float32 weights raises there too.
+    """
+    cast_to = _autocast_dtype(x.device.type)
+
+    def seen(t: Tensor) -> torch.dtype:
+        return cast_to if cast_to is not None and t.dtype != torch.float64 else t.dtype
+
+    for name, w in weights.items():
+        if seen(w) != seen(x):
+            where = f" under autocast to {cast_to}, which leaves float64 alone" if cast_to is not None else ""
+            raise ValueError(
+                f"fused CBAM: x is {x.dtype} but {name} is {w.dtype}{where}; PyTorch's CBAM raises on this "
+                "mismatch too: cast x to the module's dtype (or the module to x's)"
+            )

@@ -10,9 +10,14 @@ lists; each is read as B rows of D_j values. With t, s one row of map j and ``ep
     d loss / d s = -scale / B * (t / n - dot * s / (n * |s|^2))   with n = |t| * |s|,  if n > eps
                  = -scale / B * t / eps                                                otherwise
 
+B must be > 0: the mean over an empty batch is undefined, so every backend (and :func:`check_maps`, before
+dispatch) raises a clear error for B = 0 rather than return NaN. A NaN anywhere in row b of a map makes that
+row's dot and norms NaN, so its loss term and its whole gradient row are NaN, as PyTorch's autograd gives
+(a NaN n takes the ``n > eps`` branch below).
+
 ``scale`` carries the variant: ``weight`` for ``official`` (sum over all 2N maps), ``weight / 2`` for ``paper``
 (mean of the channel and spatial terms per block). Teacher maps get no gradient. Backends: ``triton``
-(``kernels.cosine_distill``), ``ext`` (``torch.ops.askd.cosine_distill_forward`` / ``_backward``) and
+(``askd.kernels.cosine_distill``), ``ext`` (``torch.ops.askd.cosine_distill_forward`` / ``_backward``) and
 ``reference`` (the functions here).
 """
 
@@ -63,7 +68,7 @@ def cosine_distill_backward_ref(
         tf, sf = t.reshape(t.shape[0], -1).to(acc), s.reshape(s.shape[0], -1).to(acc)
         dot, tt, ss = stats[j].unbind(dim=1)
         n = tt.sqrt() * ss.sqrt()
-        big = n > EPS
+        big = ~(n <= EPS)  # a NaN n takes the first branch: the whole row's gradient is NaN, as in autograd
         dcos = torch.where(
             big[:, None], tf / n.clamp_min(EPS)[:, None] - (dot / (n * ss).clamp_min(EPS))[:, None] * sf, tf / EPS
         )
@@ -96,7 +101,7 @@ def _impl(backend: str):
     if backend == "ext":
         return _Ext
     if backend == "triton":
-        return importlib.import_module("kernels.cosine_distill")
+        return importlib.import_module("askd.kernels.cosine_distill")
     raise ValueError(f"fused distillation loss has no backend {backend!r}; expected triton, ext or reference")
 
 
@@ -225,12 +230,17 @@ def cosine_distill(
 
 
 def check_maps(teacher: list[Tensor], student: list[Tensor]) -> None:
-    """Raise a ValueError naming the map and what was wrong (count, shape, batch, dtype, device)."""
+    """Raise a ValueError naming the map and what was wrong (count, shape, batch, dtype, device).
+
+    An empty batch (B = 0) raises too: the loss is a mean over the batch, undefined for none, and a clear error
+    beats the NaN (or, in PyTorch, the reshape error) it would otherwise give.
+    """
     if len(teacher) != len(student) or not student:
         raise ValueError(
             f"fused loss: need as many teacher as student maps (> 0), got {len(teacher)} and {len(student)}"
         )
     batch, device = student[0].shape[0] if student[0].dim() else None, student[0].device
+    check_batch(batch)
     for j, (t, s) in enumerate(zip(teacher, student, strict=True)):
         if t.shape != s.shape:
             raise ValueError(f"fused loss: map {j}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
@@ -240,3 +250,9 @@ def check_maps(teacher: list[Tensor], student: list[Tensor]) -> None:
             raise ValueError(f"fused loss: map {j}: teacher on {t.device}, student on {s.device}, expected {device}")
         if not (t.is_floating_point() and s.is_floating_point()):
             raise ValueError(f"fused loss: map {j}: maps must be floating point, got {t.dtype} and {s.dtype}")
+
+
+def check_batch(batch: int | None) -> None:
+    """Raise the ValueError every backend gives for an empty batch (B = 0), whose mean is undefined."""
+    if batch == 0:
+        raise ValueError("the distillation loss needs at least one sample, got batch size 0")

@@ -45,9 +45,28 @@ struct Batch {
   int32_t *idx_c, *idx_s;
 };
 
-// sum, max and first argmax of f(i) over i in [0, n). Lanes of kLanes independent running (sum, max, arg)
-// vectorise without reassociating anything; the first index among the lanes holding the maximum is then the
-// first index overall, since each lane keeps its own first maximum. The tail runs in order after the lanes.
+// Does v, met later in the scan, replace the running maximum m? torch.max's order: NaN ranks above every
+// number and the first NaN stays; among numbers the first maximum stays (strict >). !(v <= m) is "v > m or
+// either is NaN", one unordered compare; m == m then keeps a NaN maximum. Both compile to vector compares
+// (no -ffast-math), so the loops below stay vectorised.
+template <typename acc_t>
+ASKD_INLINE bool takes_max(acc_t v, acc_t m) {
+  return !(v <= m) & (m == m);
+}
+
+// Does the lane result (v, i) beat (m, mi) when lanes are merged out of index order? As takes_max, with ties
+// (equal numbers, or NaN against NaN) going to the smaller index.
+template <typename acc_t>
+ASKD_INLINE bool beats(acc_t v, int32_t i, acc_t m, int32_t mi) {
+  const bool v_nan = v != v, m_nan = m != m;
+  if (v_nan || m_nan) return v_nan && (!m_nan || i < mi);
+  return v > m || (v == m && i < mi);
+}
+
+// sum, max and first argmax of f(i) over i in [0, n), NaN winning as in torch.max. Lanes of kLanes independent
+// running (sum, max, arg) vectorise without reassociating anything; the first index among the lanes holding the
+// maximum (or a NaN) is then the first index overall, since each lane keeps its own first one. The tail runs in
+// order after the lanes.
 constexpr int64_t kLanes = 16;
 
 template <typename acc_t, typename F>
@@ -64,7 +83,7 @@ ASKD_INLINE void sum_max_argmax(int64_t n, F f, acc_t* sum_out, acc_t* max_out, 
       for (int64_t l = 0; l < kLanes; ++l) {
         const acc_t v = f(i0 + l);
         ls[l] += v;
-        const bool gt = v > lm[l];
+        const bool gt = takes_max(v, lm[l]);
         lm[l] = gt ? v : lm[l];
         la[l] = gt ? static_cast<int32_t>(i0 + l) : la[l];
       }
@@ -73,18 +92,18 @@ ASKD_INLINE void sum_max_argmax(int64_t n, F f, acc_t* sum_out, acc_t* max_out, 
     m = lm[0];
     for (int64_t l = 0; l < kLanes; ++l) {
       s += ls[l];
-      if (lm[l] > m || (lm[l] == m && la[l] < arg)) m = lm[l], arg = la[l];
+      if (beats(lm[l], la[l], m, arg)) m = lm[l], arg = la[l];
     }
   }
   for (int64_t i = full; i < n; ++i) {
     const acc_t v = f(i);
     s += v;
-    if (v > m) m = v, arg = static_cast<int32_t>(i);
+    if (takes_max(v, m)) m = v, arg = static_cast<int32_t>(i);
   }
   *sum_out = s, *max_out = m, *arg_out = arg;
 }
 
-// relu(w1 @ v) for v (C) -> h (R)
+// relu(w1 @ v) for v (C) -> h (R); NaN passes, as through torch's relu
 template <typename acc_t>
 ASKD_INLINE void mlp_hidden(const acc_t* w1, const acc_t* v, acc_t* h, const Geom& g) {
   for (int64_t r = 0; r < g.R; ++r) {
@@ -92,7 +111,7 @@ ASKD_INLINE void mlp_hidden(const acc_t* w1, const acc_t* v, acc_t* h, const Geo
     acc_t s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t c = 0; c < g.C; ++c) s += row[c] * v[c];
-    h[r] = s > 0 ? s : acc_t(0);
+    h[r] = s < 0 ? acc_t(0) : s;
   }
 }
 
@@ -164,7 +183,7 @@ ASKD_INLINE void channel_pool(const scalar_t* x, acc_t* chan, int32_t* idx, cons
       for (int64_t c = 0; c < g.C; ++c) {
         const acc_t v = static_cast<acc_t>(row[c]);
         sum[c] += v;
-        const bool gt = v > mx[c];  // strict: the first maximum wins
+        const bool gt = takes_max(v, mx[c]);  // the first maximum (or NaN) wins
         mx[c] = gt ? v : mx[c];
         idx[c] = gt ? static_cast<int32_t>(p) : idx[c];
       }
@@ -202,7 +221,7 @@ ASKD_INLINE void spatial_pool(const scalar_t* x, const acc_t* gc, acc_t* pooled,
       for (int64_t p = 0; p < g.HW; ++p) {
         const acc_t v = static_cast<acc_t>(row[p]) * gv;
         mean[p] += v;
-        const bool gt = v > mx[p];
+        const bool gt = takes_max(v, mx[p]);
         mx[p] = gt ? v : mx[p];
         idx[p] = gt ? static_cast<int32_t>(c) : idx[p];
       }
@@ -283,6 +302,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_forward_
   Tensor chan = at::empty({B, 2, g.C}, acc), pooled = at::empty({B, 2, g.H, g.W}, acc);
   Tensor idx_c = at::empty({B, g.C}, x.options().dtype(at::kInt));
   Tensor idx_s = at::empty({B, g.H, g.W}, x.options().dtype(at::kInt));
+  if (B == 0) return {y, a_c, a_s, chan, idx_c, pooled, idx_s};  // an empty batch: empty outputs, no work
   const Tensor w1a = w1.to(acc).contiguous(), w2a = w2.to(acc).contiguous(), wsa = ws.to(acc).contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cbam_forward_cpu", [&] {
@@ -394,8 +414,9 @@ ASKD_CPU_CLONES void backward_sample(const Batch<scalar_t, acc_t>& t, const scal
     acc_t s = 0;
     for (int64_t c = 0; c < g.C; ++c) s += ga_c[c] * t.w2[c * g.R + r];
     wt.hsum[b * g.R + r] = h[r] + h[g.R + r];
-    dz[r] = h[r] > 0 ? s : acc_t(0);
-    dz[g.R + r] = h[g.R + r] > 0 ? s : acc_t(0);
+    // relu's gradient as torch's threshold_backward: blocked only where h <= 0, so a NaN h passes it
+    dz[r] = h[r] <= 0 ? acc_t(0) : s;
+    dz[g.R + r] = h[g.R + r] <= 0 ? acc_t(0) : s;
   }
   std::fill(dch, dch + 2 * g.C, acc_t(0));
   for (int64_t r = 0; r < g.R; ++r) {
@@ -462,6 +483,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cbam_backward_cpu(
   const Tensor x = x_in.contiguous(fmt), dy = dy_in.contiguous(fmt);
   const Geom g = geometry(x, w1, ws);
   const int64_t B = x.size(0);
+  if (B == 0) {
+    // an empty batch: empty dx, and weight gradients that sum over no samples
+    return {at::empty_like(x), at::zeros_like(w1), at::zeros_like(w2), at::zeros_like(ws)};
+  }
   const auto acc = x.options().dtype(acc_type(x.scalar_type()));
   const Tensor da_c = da_c_in.to(acc).contiguous(), da_s = da_s_in.to(acc).contiguous();
   const Tensor w1a = w1.to(acc).contiguous(), w2a = w2.to(acc).contiguous(), wsa = ws.to(acc).contiguous();
@@ -499,7 +524,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cbam_backward_cpu(
       }
     });
   });
-  // sums over the batch, in a fixed order: dw2 = ga_c^T hsum, dw1 = dz^T chan (avg and max routes), dws
+  // sums over the batch, in a fixed order: dw2 = ga_c^T hsum, dw1 = dz^T chan (avg and max routes), dws; in
+  // acc, as the contract says, even when the op is called under autocast
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Tensor dw2 = at::mm(ga_c.t(), hsum);
   const Tensor dw1 = at::mm(dz.reshape({2 * B, g.R}).t(), chanc.reshape({2 * B, g.C}));
   const Tensor dws = dws_b.sum(0);

@@ -31,11 +31,13 @@ std::vector<Tensor> contiguous(at::TensorList maps) {
   return out;
 }
 
-// cos and the norm product n = |t||s| of one stats row (dot, |t|^2, |s|^2)
+// cos and the norm product n = |t||s| of one stats row (dot, |t|^2, |s|^2); the clamp keeps a NaN n, as
+// torch.clamp_min does
 template <typename acc_t>
 inline acc_t cosine(const acc_t* st, acc_t* n) {
   *n = std::sqrt(st[1]) * std::sqrt(st[2]);
-  return st[0] / std::max(*n, static_cast<acc_t>(kEps));
+  const acc_t eps = static_cast<acc_t>(kEps);
+  return st[0] / (*n < eps ? eps : *n);
 }
 
 // (dot(t,s), |t|^2, |s|^2) of one row of D values
@@ -66,8 +68,9 @@ inline void grad_coefficients(const acc_t* st, double g, double scale, int64_t B
   const acc_t coef = static_cast<acc_t>(-g * scale / static_cast<double>(B));
   acc_t n;
   cosine(st, &n);
-  // d cos / d s = t/n - dot/(n |s|^2) s above the clamp, t/eps below it (the clamp has no gradient)
-  const bool big = n > static_cast<acc_t>(kEps);
+  // d cos / d s = t/n - dot/(n |s|^2) s above the clamp, t/eps below it (the clamp has no gradient). A NaN n
+  // (a NaN anywhere in the row) takes the first branch, so the whole row's gradient is NaN, as in PyTorch
+  const bool big = !(n <= static_cast<acc_t>(kEps));
   *ct = coef / (big ? n : static_cast<acc_t>(kEps));
   *cs = big ? -coef * st[0] / (n * st[2]) : acc_t(0);
 }

@@ -19,6 +19,8 @@
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/sigmoid.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -431,6 +433,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor chan = at::empty({B, 2, C}, opts), idx_c = at::empty({B, C}, opts.dtype(at::kInt));
   at::Tensor pooled = at::empty({B, 2, H, W}, opts), idx_s = at::empty({B, H, W}, opts.dtype(at::kInt));
   at::Tensor a_s = at::empty({B, 1, H, W}, opts);
+  if (B == 0) {
+    // an empty batch: empty outputs, and no kernel launched on a zero-block grid
+    return {y, at::empty({B, C}, opts), a_s, chan, idx_c, pooled, idx_s};
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "askd_cbam_forward_pass1", [&] {
@@ -441,6 +447,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
 
   // pass 2: the channel MLP and its sigmoid, ATen in acc on (B, 2, C): a_c = w2 @ (relu(w1 @ avg) + relu(w1 @ max))
+  // with autocast kept out: it would recast the matmuls to half precision, and the kernels read acc pointers
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor a_c = at::matmul(at::relu(at::matmul(chan, w1f.t())).sum(1), w2f.t()).contiguous();
   const at::Tensor gc = at::sigmoid(a_c).contiguous();
 
@@ -494,6 +502,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_backward_cuda(
   check_device(da_s_in, x_in, op, "da_s");
   check_sizes(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  if (B == 0) {
+    // an empty batch: empty dx, and weight gradients that sum over no samples; no kernel launched
+    return {at::empty_like(x_in), at::zeros_like(w1), at::zeros_like(w2), at::zeros_like(ws)};
+  }
   const bool cl = is_channels_last(x_in);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = x_in.contiguous(fmt), dy = dy_in.contiguous(fmt);
@@ -531,7 +543,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_backward_cuda(
         StoreGateGrad<acc_t>{ga_c.data_ptr<acc_t>(), da_c.data_ptr<acc_t>(), gc.data_ptr<acc_t>(), C}, stream);
   });
 
-  // the MLP's backward, ATen in acc (tiny): hidden (B, 2, R), dchan (B, 2, C)
+  // the MLP's backward, ATen in acc (tiny): hidden (B, 2, R), dchan (B, 2, C); autocast would recast the matmuls
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor hidden = at::relu(at::matmul(chan, w1f.t()));
   const at::Tensor dw2 = at::matmul(ga_c.t(), hidden.sum(1));
   const at::Tensor dhidden = at::matmul(ga_c, w2f).unsqueeze(1).mul(at::gt(hidden, 0).to(acc));

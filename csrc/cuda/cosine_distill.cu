@@ -14,7 +14,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -104,8 +103,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Grid (B, M), 256 threads: block (b, j) writes row b of d student j, elementwise in acc:
-//   n = |t||s| > eps:  ds = -grad*scale/B * (t / n - dot / max(n |s|^2, eps) * s)
-//   otherwise:         ds = -grad*scale/B * t / eps
+//   n = |t||s| > eps or NaN:  ds = -grad*scale/B * (t / n - dot / max(n |s|^2, eps) * s)
+//   otherwise:                ds = -grad*scale/B * t / eps
 template <typename scalar_t, typename acc_t, typename Table>
 __global__ void __launch_bounds__(kThreads)
     distill_grad_kernel(const Table table, int64_t B, const acc_t* stats, const acc_t* grad, double scale) {
@@ -118,7 +117,8 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t dot = st[0], ss = st[2];
   const acc_t n = dev_sqrt(st[1]) * dev_sqrt(ss);
   const acc_t coef = -grad[0] * static_cast<acc_t>(scale) / static_cast<acc_t>(B);
-  const bool big = n > eps<acc_t>();
+  // a NaN n (a NaN anywhere in the row) takes the first branch: the whole row's gradient is NaN, as in PyTorch
+  const bool big = !(n <= eps<acc_t>());
   const acc_t ratio = dot / clamp_min(n * ss, eps<acc_t>());
   for (int64_t i = threadIdx.x; i < e.d; i += kThreads) {
     const acc_t tv = static_cast<acc_t>(t[i]);
@@ -181,10 +181,6 @@ std::tuple<at::Tensor, at::Tensor> cosine_distill_forward_cuda(at::TensorList te
   const auto dtype = student[0].scalar_type();
   const auto opts = student[0].options().dtype(acc_type(dtype));
   at::Tensor stats = at::empty({M, B, 3}, opts);
-  if (B == 0) {
-    // the mean over an empty batch, as in the reference
-    return {at::full({}, std::numeric_limits<double>::quiet_NaN(), opts), stats};
-  }
   at::Tensor loss = at::empty({}, opts);
   const std::vector<at::Tensor> ts = contiguous(teacher), ss = contiguous(student);
   const std::vector<MapEntry> entries = table_of(ts, ss, B, nullptr);
@@ -224,7 +220,6 @@ std::vector<at::Tensor> cosine_distill_backward_cuda(const at::Tensor& grad_in, 
   std::vector<at::Tensor> grads;
   grads.reserve(ss.size());
   for (const auto& s : ss) grads.push_back(at::empty_like(s));
-  if (B == 0) return grads;
   const at::Tensor grad = grad_in.to(student[0].device(), acc).reshape({1}).contiguous();
   const at::Tensor stats = stats_in.contiguous();
   const std::vector<MapEntry> entries = table_of(ts, ss, B, &grads);

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-import torch._inductor.config as inductor_config
 
 from askd import backend
 from askd.losses import attention_distill_loss
@@ -33,18 +32,18 @@ def test_compiled_student_step_has_one_graph_and_matches_eager():
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    # the CPU workaround askd.train applies too (torch 2.13 inductor conv re-layout bug)
-    with inductor_config.patch(layout_optimization=False):
-        compiled = torch.compile(step, fullgraph=True)
-        for seed in (1, 2):
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn(2, 8, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
-            teacher = [(torch.randn(2, 16, generator=g), torch.randn(2, 1, 6, 6, generator=g))]
-            got = compiled(fused, x, teacher, "ext")
-            want = step(reference, x, teacher, "torch")
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-            got.backward()  # AOTAutograd's compiled backward, through the fused backward ops
-            want.backward()
+    # inductor's defaults, conv layout optimisation included: with the strided shortcut convolution as oneDNN
+    # runs it (before askd.nn.iresnet.PointwiseConv), this block's compiled backward corrupted the heap
+    compiled = torch.compile(step, fullgraph=True)
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 8, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
+        teacher = [(torch.randn(2, 16, generator=g), torch.randn(2, 1, 6, 6, generator=g))]
+        got = compiled(fused, x, teacher, "ext")
+        want = step(reference, x, teacher, "torch")
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        got.backward()  # AOTAutograd's compiled backward, through the fused backward ops
+        want.backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not torch._dynamo.utils.counters["graph_break"]
     for p, q in zip(fused.parameters(), reference.parameters(), strict=True):

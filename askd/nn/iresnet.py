@@ -15,11 +15,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cbam import CBAM
 
 Maps = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution without bias, ``nn.Conv2d(in_ch, out_ch, 1, stride)`` in weights and results.
+
+    On CPUs a stride-s 1x1 convolution runs as its exact equivalent, a stride-s subsample followed by a
+    stride-1 1x1 convolution: oneDNN's (torch 2.13) strided 1x1 bf16 backward corrupts the heap on AVX-512
+    bf16 CPUs without AMX (e.g. AMD Zen 4), with 8 channels at 112x112 (``ir_tiny_cbam``'s stage-1
+    shortcut). Both read the same input pixels and weights, so outputs and gradients are the same sums.
+    x (B,Cin,H,W) -> (B,Cout,ceil(H/s),ceil(W/s)).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__(in_ch, out_ch, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.stride == (1, 1):
+            return super().forward(x)
+        # the subsample keeps x's memory format, so the convolution (and its output) keeps it too
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        sub = x[:, :, :: self.stride[0], :: self.stride[1]].contiguous(memory_format=layout)
+        return F.conv2d(sub, self.weight)
 
 
 class IRBlockCBAM(nn.Module):
@@ -39,7 +62,7 @@ class IRBlockCBAM(nn.Module):
         # The authors give every stage-opening block a projection, even where in_ch == out_ch.
         self.shortcut = None
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+            self.shortcut = nn.Sequential(PointwiseConv(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         res, channel_map, spatial_map = self.cbam(self.res(x))

@@ -2,17 +2,22 @@
 
 Precedence: defaults < ``--config FILE.toml`` < command-line flags < ``--set key=value``. Unknown keys
 and values of the wrong type are errors. The defaults are the CPU demo (tiny model, embedded synthetic
-faces, minutes on a laptop); ``configs/official_ir50.toml`` holds the paper's full recipe.
+faces, minutes on a laptop); ``configs/official_ir50.toml`` holds the paper's full recipe. ``--config`` also
+takes a preset name (``official_ir50``, ``paper_ir50``): a file of ``configs/``, shipped in the package as
+``askd/configs/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-import tomllib
+from .archs import ARCHS, VARIANTS
 
 
 class ConfigError(ValueError):
@@ -78,7 +83,8 @@ class Config:
 
 
 CHOICES = {
-    "variant": ("official", "paper"),
+    "arch": tuple(sorted(ARCHS)),
+    "variant": tuple(VARIANTS),
     "eval_protocol": ("insightface", "askd"),
     "stage": ("teacher", "student", "all"),
     "amp": ("bf16", "fp16", "off"),
@@ -136,9 +142,32 @@ def parse_set(items: list[str]) -> dict[str, str]:
     return out
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+def presets() -> dict[str, Traversable]:
+    """Preset name -> its TOML file among the package data (``askd/configs/*.toml``)."""
+    folder = resources.files("askd") / "configs"
+    if not folder.is_dir():  # a checkout whose askd/configs symlink was not made (git on Windows)
+        return {}
+    return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")}
+
+
+def resolve_config(name: str) -> Path | Traversable:
+    """The file ``--config name`` means: an existing path, else the preset of that name (``official_ir50``).
+
+    A path goes first, so a file of the working directory is never shadowed by a preset. A bare name that
+    is neither raises ConfigError listing the presets; other paths go on to :func:`load_toml`'s error."""
+    path = Path(name)
+    if path.is_file() or path.name != name or path.suffix:
+        return path
+    known = presets()
+    if name not in known:
+        listed = ", ".join(sorted(known)) or "none found"
+        raise ConfigError(f"--config {name!r}: no such file and no such preset; presets: {listed}")
+    return known[name]
+
+
+def load_toml(path: str | Path | Traversable) -> dict[str, Any]:
     """Read a flat TOML config file; a missing or malformed file raises ConfigError."""
-    path = Path(path)
+    path = Path(path) if isinstance(path, str) else path
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

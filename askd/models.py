@@ -3,32 +3,13 @@
 Every model maps x (B,3,112,112) in [-1,1] to ``(embedding (B,E), maps)`` with one
 ``(channel_map (B,C), spatial_map (B,1,H,W))`` per CBAM block. The variant sets the CBAM of every block:
 ``official`` (authors' code: 3x3 spatial conv, pre-sigmoid maps) or ``paper`` (7x7, post-sigmoid maps).
+The tables of names and shapes are in :mod:`askd.archs`.
 """
 
 from __future__ import annotations
 
+from .archs import ARCHS, VARIANTS, names
 from .nn.iresnet import IResNetCBAM
-
-VARIANTS = {
-    "official": {"spatial_kernel": 3, "maps": "logits"},
-    "paper": {"spatial_kernel": 7, "maps": "sigmoid"},
-}
-
-# name -> (blocks per stage, stem + stage widths, CBAM reduction)
-ARCHS = {
-    "ir18_cbam": ((2, 2, 2, 2), (64, 64, 128, 256, 512), 16),
-    "ir34_cbam": ((3, 4, 6, 3), (64, 64, 128, 256, 512), 16),
-    "ir50_cbam": ((3, 4, 14, 3), (64, 64, 128, 256, 512), 16),
-    "ir100_cbam": ((3, 13, 30, 3), (64, 64, 128, 256, 512), 16),
-    # width-reduced (1/8), one block per stage: a CPU demo that trains in minutes. Reduction 2, because
-    # 16 would leave the channel MLPs under two hidden units, which ReLU often kills for good.
-    "ir_tiny_cbam": ((1, 1, 1, 1), (8, 8, 16, 32, 64), 2),
-}
-
-
-def names() -> list[str]:
-    """The model names :func:`create` accepts."""
-    return sorted(ARCHS)
 
 
 def check_variant(variant: str) -> str:

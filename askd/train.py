@@ -7,7 +7,10 @@ every student on LR, and the per-block Pearson correlation of teacher (HR) and s
 
 A training step (DESIGN.md section 3): uint8 HR batch -> device, [-1,1], random flip -> degrade -> teacher
 forward without grad -> student forward -> ArcFace (+ distillation) -> SGD step; the LR schedule is
-evaluated per step. Exit status 2 with one line on stderr for bad input.
+evaluated per step. Exit status 2 with one line on stderr for bad input, found before anything is written.
+
+A run folder is used by one run at a time (``askd.runlock``). One that holds checkpoints is continued only
+with ``--resume``; a new run there is refused, as is ``--resume`` of a folder with nothing to resume.
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import backend, models
+from . import backend, models, runlock
+from .atomic import replacing
 from .checkpoint import CheckpointError, load, rng_state, save_atomic, set_rng_state
-from .config import Config, ConfigError, apply, load_toml, parse_set, to_toml
+from .config import Config, ConfigError, apply, load_toml, parse_set, resolve_config, to_toml
 from .data import degrade
 from .data.sources import DataError, TrainData, build_data, iterate_batches
 from .eval.report import evaluate_run, format_table, verify_sets
@@ -50,13 +55,13 @@ def parse_args(argv: list[str] | None) -> Config:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"config key {name}")
     for name in SWITCHES:
         p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=f"set {name}=true")
-    p.add_argument("--config", help="TOML file of config keys")
+    p.add_argument("--config", help="TOML file of config keys, or a preset: official_ir50, paper_ir50")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     args = p.parse_args(argv)
     flags = {k: v for k in (*FLAGS, *SWITCHES) if (v := getattr(args, k)) is not None}
 
     def resolve(base: Config) -> Config:
-        cfg = apply(base, load_toml(args.config), args.config) if args.config else base
+        cfg = apply(base, load_toml(resolve_config(args.config)), args.config) if args.config else base
         return apply(apply(cfg, flags, "command line"), parse_set(args.set), "--set")
 
     cfg = resolve(Config())
@@ -175,17 +180,19 @@ class Trainer:
     scaler: torch.amp.GradScaler
     num_classes: int
     step: int = 0
+    fwd: Callable | None = None  # what the forward runs through: the compiled model, or None for the model itself
 
     @classmethod
-    def create(cls, cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Trainer:
+    def create(cls, cfg: Config, stage: Stage, num_classes: int, steps_per_epoch: int, device: torch.device) -> Trainer:
+        """A fresh model, head, optimiser and schedule for ``cfg``; the model compiled with ``--compile``."""
         torch.manual_seed(cfg.seed)
-        model, head = build_model(cfg, data.num_classes, device)
+        model, head = build_model(cfg, num_classes, device)
         params = [*model.parameters(), *head.parameters()]
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-        spe = data.steps_per_epoch(cfg.batch_size)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, spe))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, steps_per_epoch))
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        return cls(cfg, stage, model, head, opt, sched, scaler, data.num_classes)
+        fwd = compile_model(model) if cfg.compile else None
+        return cls(cfg, stage, model, head, opt, sched, scaler, num_classes, fwd=fwd)
 
     def state(self, epoch: int) -> dict:
         """The checkpoint dict (see askd.checkpoint)."""
@@ -214,11 +221,13 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
 
-    def train_step(self, fwd, hr: torch.Tensor, labels: torch.Tensor) -> dict:
-        """Forward (under autocast when asked), backward, SGD and schedule step; returns the loss terms."""
+    def train_step(self, hr: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Forward (under autocast when asked), backward, SGD and schedule step; returns the loss terms.
+
+        hr: float (B,3,112,112) in [-1,1] on the device (see :func:`to_input`); labels: int64 (B,)."""
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
         with torch.autocast(hr.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            terms = step_loss(self.cfg, self.stage, fwd, self.head, hr, labels)
+            terms = step_loss(self.cfg, self.stage, self.model if self.fwd is None else self.fwd, self.head, hr, labels)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
         self.scaler.step(self.opt)
@@ -231,21 +240,16 @@ class Trainer:
         return terms
 
 
-def compile_model(model: torch.nn.Module, device: torch.device):
-    """torch.compile ``model``. On CPUs without inductor's conv layout optimisation: with it, the compiled
-    IR-CBAM block's backward corrupts the heap in torch 2.13 (double free; oneDNN conv re-layout)."""
-    if device.type == "cpu":
-        import torch._inductor.config as inductor_config
-
-        inductor_config.layout_optimization = False
+def compile_model(model: torch.nn.Module):
+    """torch.compile ``model`` (inductor's defaults; the frozen teacher as well as the model in training)."""
     return torch.compile(model)
 
 
 def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Path:
     """Train one model (resuming from its checkpoint with ``--resume``); returns the checkpoint path."""
     ckpt_path = Path(cfg.out) / stage.dirname / "checkpoint.pt"
-    t = Trainer.create(cfg, stage, data, device)
     spe = data.steps_per_epoch(cfg.batch_size)
+    t = Trainer.create(cfg, stage, data.num_classes, spe, device)
     total = cfg.epochs * spe if cfg.max_steps <= 0 else min(cfg.max_steps, cfg.epochs * spe)
     if cfg.resume and ckpt_path.is_file():
         t.restore(load(ckpt_path))
@@ -253,11 +257,12 @@ def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Pat
             print(f"[{stage.dirname}] already trained ({t.step} steps): {ckpt_path}")
             return ckpt_path
         print(f"[{stage.dirname}] resuming at step {t.step} of {total}")
-    elif ckpt_path.exists():
+    elif ckpt_path.exists():  # run() refuses this; a direct caller of fit gets the old checkpoint replaced
         print(f"[{stage.dirname}] starting afresh, replacing {ckpt_path} (use --resume to continue it)")
         ckpt_path.unlink()
+    elif cfg.resume:
+        print(f"[{stage.dirname}] no checkpoint to resume, training from step 0")
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-    fwd = compile_model(t.model, device) if cfg.compile else t.model
     t.model.train()
     t.head.train()
     bar = tqdm(total=total, initial=t.step, desc=stage.dirname, unit="step", dynamic_ncols=True, mininterval=1.0)
@@ -267,7 +272,7 @@ def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Pat
             epoch = t.step // spe
             for images, labels in iterate_batches(data, cfg, epoch, t.step % spe):
                 hr = to_input(images, device, random_flips(len(labels), cfg.seed, t.step), cfg.channels_last)
-                terms = t.train_step(fwd, hr, labels.to(device))
+                terms = t.train_step(hr, labels.to(device))
                 seen += len(labels)
                 bar.update()
                 if t.step % cfg.log_every == 0 or t.step == total:
@@ -329,33 +334,86 @@ def load_frozen(path: Path, cfg: Config, device: torch.device) -> tuple[torch.nn
     model, head = build_model(cfg, ckpt["num_classes"], device)
     model.load_state_dict(ckpt["model"])
     head.load_state_dict(ckpt["head"])
+    return freeze(model, head)
+
+
+def freeze(model: torch.nn.Module, head: ArcFace) -> tuple[torch.nn.Module, ArcFace]:
+    """``model`` and ``head`` in eval mode without gradients: a teacher, or a trained model to evaluate."""
     for module in (model, head):
         module.eval().requires_grad_(False)
     return model, head
 
 
-def run(cfg: Config) -> dict:
-    """The whole pipeline for a resolved config; returns the results dict (also written to the run folder)."""
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as asked: a new run into an earlier run's checkpoints, or a resume of
+    a folder with nothing to resume."""
+
+
+def check_run_folder(cfg: Config) -> None:
+    """Refuse to start afresh over checkpoints (the earlier run's config.toml would be replaced too) and to
+    resume a folder without a config.toml or checkpoint (that would silently train from scratch)."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(to_toml(cfg))
+    ckpts = sorted(out.glob("*/checkpoint.pt"))
+    if cfg.resume and not ckpts and not (out / "config.toml").is_file():
+        raise RunFolderError(
+            f"nothing to resume in {out}: no config.toml or checkpoint; drop --resume to start a new run"
+        )
+    if not cfg.resume and ckpts:
+        held = ", ".join(str(p.relative_to(out)) for p in ckpts)
+        raise RunFolderError(
+            f"run folder {out} holds checkpoints of an earlier run ({held}); use --resume to continue it "
+            f"(also to add students to its teacher) or another --out"
+        )
+
+
+def teacher_path(cfg: Config) -> Path:
+    return Path(cfg.teacher) if cfg.teacher else Path(cfg.out) / "teacher" / "checkpoint.pt"
+
+
+def reused_teacher(cfg: Config, data: TrainData, device: torch.device) -> tuple[torch.nn.Module, ArcFace] | None:
+    """The teacher this run reuses instead of training it (``--teacher``, or with ``--stage student`` the run
+    folder's own), loaded and checked against the data; None when the run trains its teacher."""
+    if not cfg.teacher and cfg.stage in ("teacher", "all"):
+        return None
+    path = teacher_path(cfg)
+    if not cfg.teacher and not path.is_file():
+        raise CheckpointError(f"--stage student needs a teacher: pass --teacher PATH (none at {path})")
+    teacher, head = load_frozen(path, cfg, device)
+    if head.num_classes != data.num_classes and any(m in ("kd", "askd_kd") for m in cfg.methods()):
+        raise CheckpointError(
+            f"teacher {path} has a {head.num_classes}-class head but the data has {data.num_classes} "
+            f"identities; logit KD needs the teacher's head for the same identities"
+        )
+    return teacher, head
+
+
+def run(cfg: Config) -> dict:
+    """The whole pipeline for a resolved config; returns the results dict (also written to the run folder).
+
+    The run folder, device, data and a reused teacher are checked before anything is written: bad input
+    leaves no folder behind and changes no earlier run."""
+    check_run_folder(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = build_data(cfg)
-    print(f"askd: {cfg.arch}/{cfg.variant} on {device}, {data.describe()}, LR {cfg.lr_side()} px, out {out}")
-    if cfg.fused:
-        print("askd: --fused:", backend.describe_fallback(device))
-    teacher_path = Path(cfg.teacher) if cfg.teacher else out / "teacher" / "checkpoint.pt"
-    if not cfg.teacher and cfg.stage in ("teacher", "all"):
-        fit(cfg, Stage("teacher"), data, device)
-    elif not teacher_path.is_file():
-        raise CheckpointError(f"--stage student needs a teacher: pass --teacher PATH (none at {teacher_path})")
-    teacher, teacher_head = load_frozen(teacher_path, cfg, device)
-    if teacher_head.num_classes != data.num_classes and any(m in ("kd", "askd_kd") for m in cfg.methods()):
-        raise CheckpointError(
-            f"teacher {teacher_path} has a {teacher_head.num_classes}-class head but the data has "
-            f"{data.num_classes} identities; logit KD needs the teacher's head for the same identities"
-        )
+    teacher = reused_teacher(cfg, data, device)
+    out = Path(cfg.out)
+    with runlock.hold(out):
+        check_run_folder(cfg)  # again under the lock: a run that held it may have written checkpoints since
+        with replacing(out / "config.toml") as tmp:
+            tmp.write_text(to_toml(cfg))
+        print(f"askd: {cfg.arch}/{cfg.variant} on {device}, {data.describe()}, LR {cfg.lr_side()} px, out {out}")
+        if cfg.fused:
+            print("askd: --fused:", backend.describe_fallback(device))
+        return train_and_evaluate(cfg, data, teacher, device)
+
+
+def train_and_evaluate(cfg: Config, data: TrainData, teacher: tuple | None, device: torch.device) -> dict:
+    """Train the teacher (unless ``teacher`` is given) and the students, evaluate, write the results."""
+    out = Path(cfg.out)
+    if teacher is None:
+        teacher = load_frozen(fit(cfg, Stage("teacher"), data, device), cfg, device)
+    teacher, teacher_head = teacher
     students = {}
     if cfg.stage in ("student", "all"):
         for method in cfg.methods():
@@ -372,7 +430,7 @@ def run(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv))
-    except (ConfigError, CheckpointError, DataError) as e:
+    except (ConfigError, CheckpointError, DataError, RunFolderError, runlock.RunLockError) as e:
         print(f"askd.train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,8 +1,13 @@
-"""The training config: defaults, TOML files, flags and --set overrides, their errors, the LR schedule."""
+"""The training config: defaults, TOML files, presets, flags and --set overrides, their errors, the LR schedule."""
+
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
 
 import pytest
 
-from askd.config import Config, ConfigError, apply, load_toml, parse_set, to_toml
+from askd.config import Config, ConfigError, apply, load_toml, parse_set, presets, resolve_config, to_toml
 from askd.train import lr_factor, parse_args
 
 
@@ -28,6 +33,7 @@ def test_set_overrides_are_typed():
         (["--set", "novalue"], "--set expects key=value"),
         (["--scale", "3"], "'scale': got 3, expected one of [2, 4, 8]"),
         (["--variant", "fancy"], "'variant': got 'fancy'"),
+        (["--arch", "typo"], "'arch': got 'typo', expected one of ['ir100_cbam', 'ir18_cbam'"),
         (["--method", "base,magic"], "'method': got 'base,magic'"),
         (["--amp", "fp8"], "'amp': got 'fp8'"),
         (["--set", "lr_size=2"], "'lr_size': got 2"),
@@ -77,6 +83,33 @@ def test_shipped_presets_load():
     for name in ("configs/official_ir50.toml", "configs/paper_ir50.toml"):
         cfg = parse_args(["--config", name])
         assert cfg.arch == "ir50_cbam" and cfg.epochs == 20 and cfg.batch_size == 128
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_presets_by_name_from_the_package_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert sorted(presets()) == ["official_ir50", "paper_ir50"]
+    official, paper = parse_args(["--config", "official_ir50"]), parse_args(["--config", "paper_ir50"])
+    assert (official.arch, official.variant, official.eval_protocol) == ("ir50_cbam", "official", "askd")
+    assert (paper.variant, paper.eval_protocol) == ("paper", "insightface")
+    # the package data is the top-level configs/ itself, not a copy that could drift
+    assert resolve_config("paper_ir50") == resources.files("askd") / "configs" / "paper_ir50.toml"
+    assert resolve_config("paper_ir50").read_bytes() == (REPO / "configs" / "paper_ir50.toml").read_bytes()
+    with pytest.raises(ConfigError, match="no such file and no such preset; presets: official_ir50, paper_ir50"):
+        parse_args(["--config", "official"])
+    with pytest.raises(ConfigError, match="config file not found: configs/official_ir50.toml"):
+        parse_args(["--config", "configs/official_ir50.toml"])  # a path is a path, from where it is given
+    (tmp_path / "official_ir50").write_text("epochs = 3\n")
+    assert parse_args(["--config", "official_ir50"]).epochs == 3  # a file of that name goes first
+
+
+def test_config_does_not_load_the_models():
+    """askd.config checks arch names from askd.archs: no torch, no compiled extension."""
+    probe = "import sys, askd.config; print(sorted(m for m in ('torch', 'askd.models', 'askd._C') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
+    assert loaded.strip() == "[]"
 
 
 def test_lr_schedule_paper_and_the_authors_one_epoch_early_step():

@@ -1,12 +1,16 @@
-"""``python -m askd.train`` on the CPU: a few steps that train, checkpoint, resume exactly, and fail clearly."""
+"""``python -m askd.train`` on the CPU: a few steps that train, checkpoint, resume exactly, and fail clearly
+without writing anything; run folders: one run at a time, a finished run kept."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from askd import models
+from askd import models, runlock
 from askd.checkpoint import load, save_atomic
 from askd.train import main
 
@@ -76,6 +80,13 @@ def run_error(argv, capsys) -> str:
 def test_missing_data_path(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert str(missing) in run_error(["--data", str(missing), "--out", str(tmp_path / "o")], capsys)
+    assert not (tmp_path / "o").exists()  # bad input is found before the run folder is made
+
+
+def test_unknown_arch(tmp_path, capsys):
+    err = run_error(["--arch", "typo", "--out", str(tmp_path / "o")], capsys)
+    assert "'arch': got 'typo'" in err and "ir_tiny_cbam" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_empty_data_folder(tmp_path, capsys):
@@ -101,6 +112,7 @@ def test_teacher_of_another_architecture(tmp_path, capsys):
                  "num_classes": 10}, fake)
     err = run_error([*SMALL, "--stage", "student", "--teacher", str(fake), "--out", str(tmp_path / "o")], capsys)
     assert "ir18_cbam" in err and "ir_tiny_cbam" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_corrupt_and_missing_teacher(tmp_path, capsys):
@@ -117,7 +129,9 @@ def test_autocast_and_channels_last_steps_stay_finite(tmp_path, amp):
     fast = [*SMALL, "--amp", amp, "--channels-last", "--out", str(tmp_path)]
     assert main([*fast, "--stage", "teacher", "--set", "max_steps=1"]) == 0
     teacher = str(tmp_path / "teacher" / "checkpoint.pt")
-    assert main([*fast, "--stage", "student", "--method", "askd", "--teacher", teacher, "--set", "max_steps=2"]) == 0
+    # students into the teacher's own run folder continue that run: --resume
+    student = ["--stage", "student", "--method", "askd", "--teacher", teacher, "--set", "max_steps=2", "--resume"]
+    assert main([*fast, *student]) == 0
     rows = losses(tmp_path, "student_askd")
     assert set(rows) == {1, 2} and all(torch.isfinite(torch.tensor(v)) for v in rows.values())
 
@@ -131,3 +145,51 @@ def test_corrupt_image_while_training(tmp_path, capsys):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     err = run_error(["--data", str(tmp_path / "faces"), "--batch-size", "2", "--out", str(tmp_path / "o")], capsys)
     assert "cannot read image" in err and str(bad) in err
+
+
+def test_a_finished_run_is_not_replaced(tmp_path, capsys):
+    run_a = tmp_path / "runA"
+    assert main([*SMALL, "--stage", "teacher", "--out", str(run_a), "--set", "max_steps=1"]) == 0
+    config, ckpt = (run_a / "config.toml").read_text(), (run_a / "teacher" / "checkpoint.pt").read_bytes()
+    assert "'arch': got 'typo'" in run_error(["--arch", "typo", "--out", str(run_a)], capsys)
+    err = run_error([*SMALL, "--stage", "teacher", "--out", str(run_a)], capsys)
+    assert f"run folder {run_a} holds checkpoints of an earlier run (teacher/checkpoint.pt)" in err
+    assert "use --resume to continue it" in err and "another --out" in err
+    assert (run_a / "config.toml").read_text() == config
+    assert (run_a / "teacher" / "checkpoint.pt").read_bytes() == ckpt
+
+
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    err = run_error(["--out", str(missing), "--resume"], capsys)
+    assert f"nothing to resume in {missing}: no config.toml or checkpoint; drop --resume" in err
+    assert not missing.exists()
+    missing.mkdir()
+    assert "nothing to resume" in run_error(["--out", str(missing), "--resume"], capsys)
+    assert list(missing.iterdir()) == []
+
+
+# holds the run folder's lock until its stdin closes
+HOLDER = """import sys
+from askd.runlock import hold
+with hold(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_one_run_at_a_time_per_folder(tmp_path, capsys):
+    out = tmp_path / "o"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        err = run_error([*SMALL, "--stage", "teacher", "--out", str(out), "--set", "max_steps=1"], capsys)
+        assert f"run folder {out} is in use by another run (pid {holder.pid})" in err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the refused run wrote nothing
+    finally:
+        holder.kill()  # dies holding the lock: flock releases it
+        holder.wait()
+    with runlock.hold(out) as lock:
+        assert lock.read_text() == f"{os.getpid()}\n"
+    assert lock.read_text() == ""

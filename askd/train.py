@@ -241,8 +241,16 @@ class Trainer:
 
 
 def compile_model(model: torch.nn.Module):
-    """torch.compile ``model`` (inductor's defaults; the frozen teacher as well as the model in training)."""
+    """torch.compile ``model`` with inductor's defaults."""
     return torch.compile(model)
+
+
+def teacher_forward(cfg: Config, teacher: torch.nn.Module):
+    """What the students' steps run the frozen teacher through: with ``--compile`` it is compiled too, once for
+    every student. Measured with bench/test_train_step.py (B=64 ir_tiny_cbam, 2-core Sapphire Rapids Xeon):
+    a --fused --compile step 1.13x faster with bf16 autocast than with the student alone compiled, and as
+    fast in float32, for ~10 s more compilation. Evaluation keeps the plain module (other batch sizes)."""
+    return compile_model(teacher) if cfg.compile else teacher
 
 
 def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Path:
@@ -416,8 +424,9 @@ def train_and_evaluate(cfg: Config, data: TrainData, teacher: tuple | None, devi
     teacher, teacher_head = teacher
     students = {}
     if cfg.stage in ("student", "all"):
+        teacher_fwd = teacher_forward(cfg, teacher)
         for method in cfg.methods():
-            path = fit(cfg, Stage(method, teacher, teacher_head), data, device)
+            path = fit(cfg, Stage(method, teacher_fwd, teacher_head), data, device)
             students[method] = load_frozen(path, cfg, device)[0]
     results = evaluate_run(cfg, data, teacher, students, device)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -20,7 +20,14 @@ from collections import defaultdict
 from pathlib import Path
 
 # implementations (kernel benchmarks) and set-ups (the training step), in table order
-ORDER = ("eager", "eager_amp_cl", "compile", "ext", "triton", "fused", "fused_amp_cl", "fused_compile")
+ORDER = ("eager", "eager_amp_cl", "compile", "ext", "triton", "fused", "fused_amp_cl", "fused_compile",
+         "fused_compile_student_only")
+
+
+def ordered(impls) -> list[str]:
+    """``impls`` in table order: those of ORDER first, any other after them by name (none is ever dropped)."""
+    impls = set(impls)
+    return [i for i in ORDER if i in impls] + sorted(impls - set(ORDER))
 
 
 def load(path: Path) -> tuple[dict, dict[str, dict[str, float]], dict[str, dict[str, dict]]]:
@@ -54,7 +61,7 @@ def group_table(group: str, times: dict[str, float], extra: dict[str, dict]) -> 
     header += " images/s | peak MB |" if step else ""
     header += " vs eager, interleaved | vs compile, interleaved |" if inter else ""
     lines = [f"### {group}", "", header, "|---" + "|---:" * (header.count("|") - 2) + "|"]
-    for impl in (i for i in ORDER if i in times):
+    for impl in ordered(times):
         t, e = times[impl], extra[impl]
         vs_eager = times["eager"] / t if "eager" in times else float("nan")
         vs_compile = times["compile"] / t if "compile" in times else float("nan")
@@ -71,7 +78,7 @@ def group_table(group: str, times: dict[str, float], extra: dict[str, dict]) -> 
 def profile_tables(group: str, extra: dict[str, dict]) -> list[str]:
     """The top ops of the profiled step of each set-up in ``group`` (self time: an op's own, not its callees')."""
     lines = []
-    for impl in (i for i in ORDER if "profile" in extra.get(i, {})):
+    for impl in ordered(i for i, e in extra.items() if "profile" in e):
         lines += [f"#### {impl}", "", "| op | self ms | % | calls |", "|---|---:|---:|---:|"]
         lines += [f"| `{name}` | {ms:.1f} | {pct:.1f} | {calls} |" for name, ms, pct, calls in extra[impl]["profile"]]
         lines.append("")
@@ -98,7 +105,7 @@ def speedups(ratios: dict[str, dict[str, float]]) -> list[tuple[str, str, float,
         kinds[group.split(" B=")[0]].append(r)
     rows = []
     for kind, groups in kinds.items():
-        for impl in ORDER[1:]:
+        for impl in ordered(i for g in groups for i in g if i != "eager"):
             found = [g for g in groups if impl in g]
             if found:
                 vs_eager = geomean([g[impl] for g in found])

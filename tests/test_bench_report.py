@@ -30,6 +30,7 @@ def results(tmp_path):
             bench("cbam fwd B=32 C=128 H=W=28", "ext", 0.010),
             bench(step, "eager", 0.8, images_per_step=64, peak_mb=300.0, profile=profile, eager_between_s=0.8),
             bench(step, "fused", 0.4, images_per_step=64, peak_mb=250.0, profile=profile, eager_between_s=0.9),
+            bench(step, "a_new_setup", 0.2, images_per_step=64, peak_mb=200.0, eager_between_s=0.8),
         ],
     }
     path = tmp_path / "cpu.json"
@@ -45,6 +46,7 @@ def test_report_ratios_step_columns_and_profiles(results):
     # interleaved: the eager steps between fused's rounds took 0.9 s, so 0.9 / 0.4
     assert "| train step, interleaved | fused | 2.25x | nanx | 1 |" in text
     assert "## Where the time goes" in text and "| `askd::cbam_forward` | 5.5 | 0.7 | 8 |" in text
+    assert "| train step | a_new_setup | 4.00x | nanx | 1 |" in text  # a set-up the report does not know is kept
 
 
 def test_report_writes_markdown_and_png(results, monkeypatch):

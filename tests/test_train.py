@@ -12,7 +12,8 @@ from PIL import Image
 
 from askd import models, runlock
 from askd.checkpoint import load, save_atomic
-from askd.train import main
+from askd.config import Config
+from askd.train import main, teacher_forward
 
 # a small synthetic run: 8 identities x 4 images, batches of 8, 16 held-out images
 SMALL = [
@@ -193,3 +194,11 @@ def test_one_run_at_a_time_per_folder(tmp_path, capsys):
     with runlock.hold(out) as lock:
         assert lock.read_text() == f"{os.getpid()}\n"
     assert lock.read_text() == ""
+
+
+def test_compile_compiles_the_frozen_teacher_too():
+    """--compile runs the students' teacher through torch.compile as well (measured: bench/test_train_step.py)."""
+    teacher = models.create("ir_tiny_cbam", embedding_size=32)
+    assert teacher_forward(Config(), teacher) is teacher
+    compiled = teacher_forward(Config(compile=True), teacher)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is teacher

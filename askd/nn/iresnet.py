@@ -27,10 +27,11 @@ class PointwiseConv(nn.Conv2d):
     """A 1x1 convolution without bias, ``nn.Conv2d(in_ch, out_ch, 1, stride)`` in weights and results.
 
     On CPUs a stride-s 1x1 convolution runs as its exact equivalent, a stride-s subsample followed by a
-    stride-1 1x1 convolution: oneDNN's (torch 2.13) strided 1x1 bf16 backward corrupts the heap on AVX-512
-    bf16 CPUs without AMX (e.g. AMD Zen 4), with 8 channels at 112x112 (``ir_tiny_cbam``'s stage-1
-    shortcut). Both read the same input pixels and weights, so outputs and gradients are the same sums.
-    x (B,Cin,H,W) -> (B,Cout,ceil(H/s),ceil(W/s)).
+    stride-1 1x1 convolution: the backward of oneDNN's strided 1x1 convolution (torch 2.13) corrupts the heap
+    with 8 channels at 112x112 (``ir_tiny_cbam``'s stage-1 shortcut): in bf16 on AVX-512 CPUs without AMX
+    (e.g. AMD Zen 4; the weights gradient) and in float32 channels_last on Sapphire Rapids (the input
+    gradient). Both read the same input pixels and weights, so outputs and gradients are the same sums.
+    GPUs keep the strided convolution. x (B,Cin,H,W) -> (B,Cout,ceil(H/s),ceil(W/s)).
     """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int):

@@ -265,6 +265,7 @@ def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Pat
             print(f"[{stage.dirname}] already trained ({t.step} steps): {ckpt_path}")
             return ckpt_path
         print(f"[{stage.dirname}] resuming at step {t.step} of {total}")
+        forget_steps_after(ckpt_path.parent / "metrics.jsonl", t.step)
     elif ckpt_path.exists():  # run() refuses this; a direct caller of fit gets the old checkpoint replaced
         print(f"[{stage.dirname}] starting afresh, replacing {ckpt_path} (use --resume to continue it)")
         ckpt_path.unlink()
@@ -299,6 +300,18 @@ def fit(cfg: Config, stage: Stage, data: TrainData, device: torch.device) -> Pat
             save_atomic(t.state(t.step // spe), ckpt_path)
     bar.close()
     return ckpt_path
+
+
+def forget_steps_after(log_path: Path, step: int) -> None:
+    """Drop the metrics lines of steps after ``step`` (those an interrupted run logged past its last
+    checkpoint): the resumed run trains and logs them again, and each step should appear once."""
+    if not log_path.is_file():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        with replacing(log_path) as tmp:
+            tmp.write_text("".join(kept))
 
 
 def log_step(log, stage: Stage, step: int, epoch: int, terms: dict, lr: float, rate: float) -> dict:

@@ -34,8 +34,13 @@ def test_two_steps_train_checkpoint_and_resume_to_the_same_loss(tmp_path):
     argv = [*SMALL, "--stage", "teacher"]
     assert main([*argv, "--out", str(straight), "--set", "max_steps=3"]) == 0
     assert main([*argv, "--out", str(resumed), "--set", "max_steps=2"]) == 0
+    # as if the run had logged step 3 and died before its next checkpoint
+    log = resumed / "teacher" / "metrics.jsonl"
+    log.write_text(log.read_text() + json.dumps({"stage": "teacher", "step": 3, "loss": -1.0}) + "\n")
     # the resume names only the run folder: the rest comes from its config.toml
     assert main(["--out", str(resumed), "--set", "max_steps=3", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3]  # step 3 once, from the resumed run
 
     full, cut = losses(straight, "teacher"), losses(resumed, "teacher")
     assert all(torch.isfinite(torch.tensor(v)) for v in full.values())

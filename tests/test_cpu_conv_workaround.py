@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from askd import backend, models
 from askd.nn.iresnet import PointwiseConv
 
 CAPABILITY = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", ...
-FLAGS = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+CPUINFO = Path("/proc/cpuinfo")
+FLAGS = CPUINFO.read_text() if CPUINFO.exists() else ""
 # oneDNN ISA caps below this CPU's own level: AVX-512 with bf16 but no AMX (Zen 4, Cooper Lake) where the CPU
 # has AMX, and plain AVX-512 (Skylake) where it has more; a cap at the CPU's own level would repeat "native"
 CAPS = [cap for cap, flag in (("AVX512_CORE_BF16", "amx_bf16"), ("AVX512_CORE", "avx512_vnni")) if flag in FLAGS]

@@ -49,7 +49,7 @@ def test_a_built_package_ships_the_presets(built, tmp_path):
 
 
 def test_a_kernels_module_first_on_the_path_changes_nothing(tmp_path):
-    """A user's kernels.py (and a kernels/ package) before askd on sys.path: askd imports, its Triton backend
+    """A user's kernels.py before askd on sys.path: askd imports, its Triton backend
     resolves to askd.kernels from this checkout and never imports the stranger."""
     pytest.importorskip("triton", reason="triton is not importable: its backend cannot resolve here")
     (tmp_path / "kernels.py").write_text("raise ImportError('the wrong kernels module was imported')\n")

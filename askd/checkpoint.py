@@ -2,7 +2,9 @@
 
 A checkpoint is a dict: ``model``, ``head`` (state dicts), ``optimizer``, ``scheduler``, ``scaler``,
 ``epoch`` (completed epochs), ``step`` (completed optimiser steps), ``rng`` (torch CPU/CUDA generator
-states), ``config`` (the resolved config as a dict), ``role`` ("teacher" or the student's method) and
+states), ``config`` (the resolved config as a dict), ``role`` ("teacher", "assistant" or "student"; before
+the method registry, a student's method), ``method`` (its spec, ``base`` for the teacher) and
+``method_state`` (the method's state dict: HORKD's class centres), and
 ``arch``/``variant``/``embedding_size``/``num_classes`` so that a reuse of another architecture fails
 early with a message instead of a state-dict mismatch.
 """
@@ -41,16 +43,24 @@ def load(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_model(path: str | Path, device="cpu", backend: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_model(
+    path: str | Path, device="cpu", backend: str | None = None, expect: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The embedding model of a checkpoint (its arch, variant and embedding size), in eval mode without grad,
     on ``device``; and the checkpoint dict. ``backend`` as in ``askd.models.create``. One that does not
-    describe a known model raises CheckpointError."""
+    describe a known model, or whose entries differ from ``expect`` (e.g. ``{"arch": "ir50_cbam"}``), raises
+    CheckpointError before anything is built."""
     from . import models  # here, not at the top: the models need not be built to read or write a checkpoint
 
     ckpt = load(path)
     missing = [k for k in ("variant", "embedding_size") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not an askd checkpoint (no {'/'.join(missing)} entries)")
+    wrong = {k: v for k, v in (expect or {}).items() if ckpt.get(k) != v}
+    if wrong:
+        have = ", ".join(f"{k} {ckpt.get(k)}" for k in wrong)
+        want = ", ".join(f"{k} {v}" for k, v in wrong.items())
+        raise CheckpointError(f"checkpoint {path} has {have}, but this run uses {want}")
     try:
         model = models.create(ckpt["arch"], ckpt["variant"], ckpt["embedding_size"], backend=backend)
         model.load_state_dict(ckpt["model"])
@@ -61,6 +71,17 @@ def load_model(path: str | Path, device="cpu", backend: str | None = None) -> tu
         target = f"{ckpt['arch']}/{ckpt['variant']}"
         raise CheckpointError(f"checkpoint {path} does not load into {target}: {reason}") from None
     return model.to(device).eval().requires_grad_(False), ckpt
+
+
+def describe_role(ckpt: dict[str, Any]) -> str:
+    """What a checkpoint's model was trained as, in words: ``teacher``, ``student askd+kd``,
+    ``assistant horkd``; a checkpoint from before the method registry recorded only a student's method."""
+    role, method = ckpt.get("role"), ckpt.get("method")
+    if role in ("student", "assistant"):
+        return f"{role} {method}"
+    if role in ("teacher", None):
+        return role or "no role recorded"
+    return f"student {role}"
 
 
 def rng_state() -> dict[str, Any]:

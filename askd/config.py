@@ -46,12 +46,27 @@ class Config:
     workers: int = 0  # DataLoader worker processes (image folders)
     # --- method ---
     stage: str = "all"  # teacher | student | all
-    method: str = "base,askd"  # comma list of base | kd | askd | askd_kd, one student each
+    # comma list of students, one per method: a name of askd.losses (python -m askd.train --help lists them),
+    # or names joined by "+" whose loss terms add up (askd+kd; alias askd_kd)
+    method: str = "base,askd"
     teacher: str = ""  # teacher checkpoint to reuse (skips teacher training)
-    distill_weight: float = 5.0  # lambda_distill of the A-SKD loss
-    kd_temperature: float = 4.0  # T of the logit KD term
+    # HORKD's two-stage transfer: teacher (HR) -> assistant of this arch (HR, the same method) -> student (LR,
+    # the assistant's arch); "" trains every student directly against the teacher in the teacher's arch
+    assistant: str = ""
     arcface_s: float = 32.0
     arcface_m: float = 0.5
+    # --- method weights (askd.losses; each module's docstring has the formula and the source) ---
+    distill_weight: float = 5.0  # askd, askd_sa, askd_ca: lambda_distill of the A-SKD loss
+    kd_weight: float = 1.0  # kd: weight of the logit KD term
+    kd_temperature: float = 4.0  # kd: T
+    at_beta: float = 1000.0  # at: beta of attention transfer; the term is beta/2 * sum over stages
+    at_cos_weight: float = 5.0  # at_cos (AT*): weight of the cosine AT term, A-SKD's
+    fkd_weight: float = 0.1  # fkd: lambda of F-KD (the default of Massoli et al.'s code)
+    rkd_distance_weight: float = 1.0  # rkd: distance term
+    rkd_angle_weight: float = 2.0  # rkd: angle term
+    horkd_alpha: float = 0.1  # horkd: pair (distance) term, the A-SKD supplement's value
+    horkd_beta: float = 0.2  # horkd: triplet (angle) term
+    horkd_gamma: float = 0.1  # horkd: class-centre term
     # --- optimisation (SGD, Nesterov, as the authors) ---
     epochs: int = 5  # epochs per model (teacher and each student); the paper trains 20
     max_steps: int = 0  # stop each model after this many steps when > 0 (smoke tests)
@@ -79,7 +94,12 @@ class Config:
         return self.lr_size if self.lr_size > 0 else 112 // self.scale
 
     def methods(self) -> list[str]:
+        """The students' method specs as given (see :func:`askd.losses.registry.canonical`)."""
         return [m.strip() for m in self.method.split(",") if m.strip()]
+
+    def kernel_backend(self) -> str | None:
+        """--fused: backend ``auto`` for every CBAM and the loss; otherwise None ($ASKD_BACKEND, else torch)."""
+        return "auto" if self.fused else None
 
 
 CHOICES = {
@@ -90,7 +110,6 @@ CHOICES = {
     "amp": ("bf16", "fp16", "off"),
     "scale": (2, 4, 8),
 }
-METHODS = ("base", "kd", "askd", "askd_kd")
 
 
 def _fields() -> dict[str, dataclasses.Field]:
@@ -186,9 +205,9 @@ def validate(cfg: Config) -> Config:
         value = getattr(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key {key!r}: got {value!r}, expected one of {list(allowed)}")
-    bad = [m for m in cfg.methods() if m not in METHODS]
-    if bad or not cfg.methods():
-        raise ConfigError(f"config key 'method': got {cfg.method!r}, expected a comma list of {list(METHODS)}")
+    check_methods(cfg)
+    if cfg.assistant and cfg.assistant not in ARCHS:
+        raise ConfigError(f"config key 'assistant': got {cfg.assistant!r}, expected '' or one of {sorted(ARCHS)}")
     if not 2 < cfg.lr_side() <= 112:
         raise ConfigError(f"config key 'lr_size': got {cfg.lr_size}, expected 3..112 px (or 0 to use scale)")
     positive = ("epochs", "batch_size", "embedding_size", "synthetic_identities", "synthetic_samples", "eval_pairs")
@@ -202,6 +221,22 @@ def validate(cfg: Config) -> Config:
     if any(not 0.0 < m < 1.0 for m in cfg.milestones):
         raise ConfigError(f"config key 'milestones': got {cfg.milestones}, expected fractions in (0, 1)")
     return cfg
+
+
+def check_methods(cfg: Config) -> None:
+    """Every spec of ``method`` known to the method registry, no student twice (aliases resolved)."""
+    # imported here, not at the top: the registry imports torch, and reading a config file does not need it
+    from .losses.registry import canonical
+
+    try:
+        specs = [canonical(m) for m in cfg.methods()]
+    except ValueError as e:
+        raise ConfigError(f"config key 'method': {e}") from None
+    if not specs:
+        raise ConfigError("config key 'method': empty; expected a comma list of methods, e.g. base,askd")
+    twice = sorted({m for m in specs if specs.count(m) > 1})
+    if twice:
+        raise ConfigError(f"config key 'method': {cfg.method!r} names the student {twice[0]} twice")
 
 
 def to_toml(cfg: Config) -> str:

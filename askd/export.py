@@ -35,7 +35,7 @@ from torch import nn
 
 from . import checkpoint
 from .atomic import replacing
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, describe_role
 
 INPUT, OUTPUT = "image", "embedding"
 SIDE = 112  # the input side every askd model is built for
@@ -200,7 +200,7 @@ def export_onnx(
     except OSError as e:  # an output folder that cannot be made or written
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     summary.update(
-        path=str(out), bytes=out.stat().st_size, checkpoint=str(checkpoint_path), role=ckpt.get("role"),
+        path=str(out), bytes=out.stat().st_size, checkpoint=str(checkpoint_path), role=describe_role(ckpt),
         arch=ckpt["arch"], variant=ckpt["variant"],
     )
     return summary
@@ -208,7 +208,7 @@ def export_onnx(
 
 def format_summary(s: dict[str, Any]) -> str:
     """A few lines: what was exported where, the graph's inputs/outputs, and the check's result."""
-    role = {"teacher": "teacher", None: "no role recorded"}.get(s["role"], f"student {s['role']}")
+    role = s["role"]
     lines = [
         f"askd.export: {s['checkpoint']} ({role}, {s['arch']}/{s['variant']}) -> {s['path']} "
         f"({s['bytes'] / 2**20:.2f} MiB, opset {s['opset']})"

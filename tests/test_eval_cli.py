@@ -76,10 +76,10 @@ def test_eval_verify_and_attention(run, tmp_path, capsys):
     assert eval_main(argv) == 0
     results = json.loads(report.read_text())["verification"]
     # each model on what it was trained on: the teacher on HR, the student on its LR size (112 / 8 = 14 px)
-    assert list(results) == ["teacher (teacher, HR)", "student_askd (askd, LR 14 px)"]
+    assert list(results) == ["teacher (teacher, HR)", "student_askd (student askd, LR 14 px)"]
     train_acc = json.loads((out / "results.json").read_text())["verification"]["heldout"]
     assert results["teacher (teacher, HR)"]["heldout"] == train_acc["teacher (HR)"]
-    assert results["student_askd (askd, LR 14 px)"]["heldout"] == train_acc["student askd (LR)"]
+    assert results["student_askd (student askd, LR 14 px)"]["heldout"] == train_acc["student askd (LR)"]
 
     att = tmp_path / "att"
     argv = ["attention", "--teacher", str(teacher), "--student", f"askd={student}", "--bin", str(dst / "heldout.bin"),

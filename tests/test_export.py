@@ -14,6 +14,7 @@ import torch
 from askd import export, models
 from askd.checkpoint import save_atomic
 from askd.config import Config
+from askd.losses import build
 from askd.train import Stage, Trainer, build_model
 
 NUM_CLASSES = 10
@@ -32,13 +33,14 @@ def write_checkpoint(path, seed=0):
     BN statistics have moved away from the identity, so that the export must carry them."""
     cfg = Config(arch="ir_tiny_cbam", embedding_size=512)
     torch.manual_seed(seed)
-    model, head = build_model(cfg, NUM_CLASSES, torch.device("cpu"))
+    model, head = build_model(cfg, cfg.arch, NUM_CLASSES, torch.device("cpu"))
     with torch.no_grad():
         model(torch.rand(4, 3, 112, 112) * 2 - 1)  # in train mode: moves the running statistics
     opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    save_atomic(Trainer(cfg, Stage("askd"), model, head, opt, sched, scaler, NUM_CLASSES).state(epoch=1), path)
+    stage = Stage("student", build("base", cfg, NUM_CLASSES), cfg.arch)
+    save_atomic(Trainer(cfg, stage, model, head, opt, sched, scaler, NUM_CLASSES).state(epoch=1), path)
     return path
 
 
@@ -80,7 +82,7 @@ def test_dynamic_batch_matches_pytorch_for_batch_1_and_3(ort, exported):
         assert ref.shape == (b, 512)
         torch.testing.assert_close(got, ref, rtol=0, atol=export.ATOL)
     assert "image      float32 [batch, 3, 112, 112]" in stdout and "embedding  float32 [batch, 512]" in stdout
-    assert "student askd" in stdout and "max abs diff" in stdout and "batches 1, 3" in stdout
+    assert "student base" in stdout and "max abs diff" in stdout and "batches 1, 3" in stdout
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # as any new file, not mkstemp's owner-only 0o600

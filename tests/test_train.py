@@ -64,16 +64,17 @@ def test_students_against_a_reused_teacher_and_results(tmp_path):
     argv = [*SMALL, "--stage", "student", "--method", "base,askd_kd", "--out", str(out), "--set", "max_steps=2",
             "--teacher", str(teacher_run / "teacher" / "checkpoint.pt")]
     assert main(argv) == 0
-    terms = [json.loads(line) for line in (out / "student_askd_kd" / "metrics.jsonl").read_text().splitlines()]
-    assert {"ce", "distill", "kd", "loss"} <= terms[-1].keys()
-    assert terms[-1]["loss"] == pytest.approx(terms[-1]["ce"] + terms[-1]["distill"] + terms[-1]["kd"], rel=1e-5)
+    # the alias askd_kd is the composition askd+kd: its folder, term names and table row say so
+    terms = [json.loads(line) for line in (out / "student_askd+kd" / "metrics.jsonl").read_text().splitlines()]
+    assert {"ce", "askd", "kd", "loss"} <= terms[-1].keys()
+    assert terms[-1]["loss"] == pytest.approx(terms[-1]["ce"] + terms[-1]["askd"] + terms[-1]["kd"], rel=1e-5)
     results = json.loads((out / "results.json").read_text())
     assert list(results["verification"]) == ["held-out"] and results["pairs"] == {"held-out": 40}
     names = set(results["verification"]["held-out"])
-    assert names == {"teacher (HR)", "teacher (LR)", "student base (LR)", "student askd_kd (LR)"}
+    assert names == {"teacher (HR)", "teacher (LR)", "student base (LR)", "student askd+kd (LR)"}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["verification"]["held-out"].values())
-    assert len(results["attention_correlation"]["askd_kd"]) == 4
-    assert "| student askd_kd (LR) |" in (out / "results.md").read_text()
+    assert len(results["attention_correlation"]["askd+kd"]) == 4
+    assert "| student askd+kd (LR) |" in (out / "results.md").read_text()
 
 
 def run_error(argv, capsys) -> str:

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_model
+from ..checkpoint import CheckpointError, describe_role, load_model
 from ..config import ConfigError
 from ..data import degrade
 from ..data.folders import DataError, ImageFolderFaces
 from ..data.verification_bin import pair_indices, read_bin_tensors
-from ..train import resolve_device
+from ..devices import resolve_device
 from .attention import attention_correlation
 from .figures import attention_figure, spatial_maps, stage_last_blocks
 from .identification import evaluate_tinyface
@@ -74,12 +74,14 @@ def lr_override(args) -> int | None | str:
 
 
 def load(path: str, args, device: torch.device, name: str | None = None, lr="auto") -> Loaded:
-    """A checkpoint as a :class:`Loaded`; ``lr`` "auto" takes HR for a teacher, the run's LR size otherwise."""
+    """A checkpoint as a :class:`Loaded`; ``lr`` "auto" takes HR for a teacher or HORKD assistant, the run's LR
+    size otherwise."""
     model, ckpt = load_model(path, device)
     cfg = ckpt.get("config", {})
-    role = ckpt.get("role", "?")
+    role = describe_role(ckpt)
     if lr == "auto":
-        lr = None if role == "teacher" else (cfg.get("lr_size") or 112 // cfg.get("scale", 8))
+        hr = ckpt.get("role") in ("teacher", "assistant")
+        lr = None if hr else (cfg.get("lr_size") or 112 // cfg.get("scale", 8))
     variant = args.variant or ckpt["variant"]
     return Loaded(name or Path(path).parent.name or Path(path).stem, model, role, variant, lr)
 

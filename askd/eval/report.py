@@ -1,9 +1,10 @@
 """End-of-run evaluation for ``askd.train``: verification accuracies and attention correlations, and their table.
 
 On every verification set of the data (held-out identities or .bin files; 10 folds, flip TTA, DESIGN.md
-section 6): the teacher on HR, the teacher on LR (what a model trained on HR alone gets) and every student on
-LR; for every student, the per-block Pearson correlation between the teacher's maps on HR and the student's
-maps on LR, over the images of the first set.
+section 6): the teacher on HR, the teacher on LR (what a model trained on HR alone gets), every HORKD
+assistant on HR and every student on LR; for every student of the teacher's architecture, the per-block
+Pearson correlation between the teacher's maps on HR and the student's maps on LR, over the images of the
+first set (a student of another architecture, through an assistant, has other blocks to compare).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ def verify_sets(model: torch.nn.Module, sets: dict, protocol: str, transform, de
     return out
 
 
-def evaluate_run(cfg, data, teacher: torch.nn.Module, students: dict[str, torch.nn.Module], device) -> dict:
+def evaluate_run(
+    cfg, data, teacher: torch.nn.Module, students: dict[str, torch.nn.Module], device,
+    assistants: dict[str, torch.nn.Module] | None = None,
+) -> dict:
     """Results dict: protocol, LR size, {set: {model: accuracy, std}}, per-student correlations."""
     side = cfg.lr_side()
 
@@ -33,10 +37,14 @@ def evaluate_run(cfg, data, teacher: torch.nn.Module, students: dict[str, torch.
         return degrade(x, side, cfg.variant)
 
     models = {"teacher (HR)": (teacher, None), "teacher (LR)": (teacher, to_lr)}
+    models.update({f"assistant {method} (HR)": (a, None) for method, a in (assistants or {}).items()})
     models.update({f"student {method} (LR)": (student, to_lr) for method, student in students.items()})
     rows = {name: verify_sets(m, data.eval_sets, cfg.eval_protocol, tf, device) for name, (m, tf) in models.items()}
     images = next(iter(data.eval_sets.values())).images
-    correlations = {m: attention_correlation(teacher, s, images, to_lr, device=device) for m, s in students.items()}
+    same_arch = not cfg.assistant or cfg.assistant == cfg.arch
+    correlations = {
+        m: attention_correlation(teacher, s, images, to_lr, device=device) for m, s in students.items() if same_arch
+    }
     return {
         "protocol": cfg.eval_protocol, "pairs": {name: len(p) for name, p in data.eval_sets.items()},
         "lr_size": side, "variant": cfg.variant, "arch": cfg.arch, "data": cfg.data,

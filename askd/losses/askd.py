@@ -9,6 +9,10 @@ with t, s flattened to (B, D):
     official (authors' code):  L = weight * sum over all 2N maps of rho
     paper (eq. 5-6):           L = weight * sum over N blocks of (rho_channel + rho_spatial) / 2
 
+``kinds`` picks which of each block's maps are distilled (the paper's Table 3 ablation: ``("spatial",)``,
+``("channel",)``); the paper variant then averages over the kinds kept (one kind: weight * sum of its rho).
+Methods ``askd``, ``askd_sa`` and ``askd_ca`` (weight: config key ``distill_weight``, 5).
+
 Teacher maps are detached: only the student gets gradients. ``backend`` (:mod:`askd.backend`) picks this
 reference (``"torch"``) or the fused op :func:`askd.ops.cosine_distill` (``"triton"``, ``"ext"``; one call
 over all maps), ``"auto"`` the fastest available; None means ``$ASKD_BACKEND`` or ``"torch"``.
@@ -23,9 +27,10 @@ import torch
 from .. import backend as backends
 from ..models import check_variant
 from ..ops.cosine_distill import check_batch, cosine_distill
+from .registry import MapPair, Method, Outputs, register
 
 EPS = 1e-8
-MapPair = tuple[torch.Tensor, torch.Tensor]
+KINDS = ("channel", "spatial")  # the order of a block's maps
 
 
 def cosine_distance(t: torch.Tensor, s: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -67,22 +72,57 @@ def attention_distill_loss(
     variant: str = "official",
     weight: float = 5.0,
     backend: str | None = None,
+    kinds: Sequence[str] = KINDS,
 ) -> torch.Tensor:
-    """The A-SKD loss over all blocks, a scalar (fp32, or fp64 for fp64 maps).
+    """The A-SKD loss over all blocks and the ``kinds`` of maps asked for, a scalar (fp32, or fp64 for fp64 maps).
 
     Every backend raises a ValueError for an empty batch (B = 0): the mean over no samples is undefined. A NaN in
     a sample's map makes its loss term and its whole gradient row NaN in every backend.
     """
     check_variant(variant)
     _check_maps(teacher_maps, student_maps)
+    if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(KINDS):
+        raise ValueError(f"kinds: expected distinct names of {list(KINDS)}, got {list(kinds)}")
+    keep = [KINDS.index(k) for k in kinds]
+    scale = weight / len(keep) if variant == "paper" else weight
     name = backends.resolve_constant(backend, student_maps[0][0].device.type)
     if name != "torch":
-        teacher = [m for pair in teacher_maps for m in pair]
-        student = [m for pair in student_maps for m in pair]
-        return cosine_distill(teacher, student, weight / 2 if variant == "paper" else weight, name, checked=True)
+        teacher = [pair[k] for pair in teacher_maps for k in keep]
+        student = [pair[k] for pair in student_maps for k in keep]
+        return cosine_distill(teacher, student, scale, name, checked=True)
     pairs = zip(teacher_maps, student_maps, strict=True)
-    per_block = [cosine_distance(tc, sc) + cosine_distance(ts, ss) for (tc, ts), (sc, ss) in pairs]
-    total = torch.stack(per_block).sum()
-    if variant == "paper":
-        total = total / 2
-    return weight * total
+    per_map = [cosine_distance(t[k], s[k]) for t, s in pairs for k in keep]
+    return scale * torch.stack(per_map).sum()
+
+
+@register
+class ASKD(Method):
+    """``attention_distill_loss`` of the run's variant, weight ``distill_weight``, with ``--fused`` kernels."""
+
+    name = "askd"
+    needs = frozenset({"teacher"})
+    paper = "Shin et al., ECCV 2022 (A-SKD; gist-ailab/teaching-where-to-look)"
+    kinds = KINDS
+
+    def __init__(self, cfg, num_classes: int):
+        super().__init__(cfg, num_classes)
+        self.variant, self.weight, self.backend = cfg.variant, cfg.distill_weight, cfg.kernel_backend()
+
+    def forward(self, out: Outputs) -> dict[str, torch.Tensor]:
+        loss = attention_distill_loss(out.teacher_maps, out.student_maps, self.variant, self.weight, self.backend,
+                                      self.kinds)
+        return {self.name: loss}
+
+
+@register
+class ASKDSpatial(ASKD):
+    name = "askd_sa"
+    paper = "A-SKD on the spatial maps only (A-SKD Table 3)"
+    kinds = ("spatial",)
+
+
+@register
+class ASKDChannel(ASKD):
+    name = "askd_ca"
+    paper = "A-SKD on the channel maps only (A-SKD Table 3)"
+    kinds = ("channel",)

@@ -2,6 +2,10 @@
 
 Input x (B,3,112,112) in [-1,1]. ``forward`` returns ``(embedding, maps)``: embedding (B,E) and
 ``maps``, one ``(channel_map (B,C), spatial_map (B,1,H,W))`` tuple per CBAM block in forward order.
+``forward(x, stages=True)`` returns ``(embedding, maps, stage_outputs)`` with the output of each of the four
+stages (its last block's, after the residual add; (B,C_k,112/2^k,112/2^k)), what attention transfer
+distils: returned by ``forward`` itself rather than caught with hooks, which DDP wrappers and
+torch.compile do not see, and kept only when asked for.
 
 Block (authors' ``BottleNeck_IR_CBAM``):
     res = BN -> conv3x3(stride 1) -> BN -> PReLU -> conv3x3(stride s) -> BN -> CBAM
@@ -107,6 +111,7 @@ class IResNetCBAM(nn.Module):
             for i in range(n):
                 layers.append(IRBlockCBAM(in_ch if i == 0 else out_ch, out_ch, 2 if i == 0 else 1, cbam))
         self.blocks = nn.ModuleList(layers)
+        self.stage_ends = tuple(sum(blocks[: k + 1]) - 1 for k in range(4))  # index of each stage's last block
         side = input_size // 16
         self.head = nn.Sequential(
             nn.BatchNorm2d(widths[-1]),
@@ -128,13 +133,19 @@ class IResNetCBAM(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Maps]:
+    def forward(self, x: torch.Tensor, stages: bool = False):
+        """x (B,3,S,S) -> (embedding (B,E), maps), or with ``stages`` (embedding, maps, [4 stage outputs])."""
         s = self.input_size
         if x.dim() != 4 or tuple(x.shape[1:]) != (3, s, s):
             raise ValueError(f"expected input of shape (B,3,{s},{s}), got {tuple(x.shape)}")
         x = self.stem(x)
         maps: Maps = []
-        for block in self.blocks:
+        outputs: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
             x, channel_map, spatial_map = block(x)
             maps.append((channel_map, spatial_map))
+            if stages and i in self.stage_ends:
+                outputs.append(x)
+        if stages:
+            return self.head(x), maps, outputs
         return self.head(x), maps

@@ -1,0 +1,73 @@
+"""The command line of ``python -m askd.train``: flags and files -> one resolved Config -> the pipeline.
+
+Precedence: defaults < (with --resume: the run folder's config.toml) < --config < flags < --set. Exit status
+2 with one line on stderr for bad input, found before anything is written; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import runlock
+from ..checkpoint import CheckpointError
+from ..config import Config, ConfigError, apply, load_toml, parse_set, resolve_config
+from ..data.sources import DataError
+from ..losses import registry
+from .pipeline import RunFolderError, run
+
+# command-line flags that are shorthands for config keys
+FLAGS = {
+    "stage": str, "teacher": str, "variant": str, "scale": int, "lr_size": int, "data": str, "arch": str,
+    "epochs": int, "batch_size": int, "out": str, "seed": int, "device": str, "amp": str, "method": str,
+    "assistant": str,
+}
+SWITCHES = ("channels_last", "compile", "fused", "resume")
+DESCRIPTION = "HR teacher -> frozen -> one LR student per method -> evaluation (A-SKD and the paper's baselines)."
+
+
+def methods_help() -> str:
+    """The --method choices, from the registry: one line each with its source."""
+    lines = [f"  {name:8s} {cls.paper}" for name, cls in registry.REGISTRY.items()]
+    aliases = ", ".join(f"{a} = {spec}" for a, spec in registry.ALIASES.items())
+    return "methods (--method, join with + to add their losses; aliases: " + aliases + "):\n" + "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    """Command line -> resolved Config (see the module docstring for the precedence)."""
+    p = argparse.ArgumentParser(prog="python -m askd.train", description=DESCRIPTION, epilog=methods_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, kind in FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"config key {name}")
+    for name in SWITCHES:
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=f"set {name}=true")
+    p.add_argument("--config", help="TOML file of config keys, or a preset: official_ir50, paper_ir50")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    args = p.parse_args(argv)
+    flags = {k: v for k in (*FLAGS, *SWITCHES) if (v := getattr(args, k)) is not None}
+
+    def resolve(base: Config) -> Config:
+        cfg = apply(base, load_toml(resolve_config(args.config)), args.config) if args.config else base
+        return apply(apply(cfg, flags, "command line"), parse_set(args.set), "--set")
+
+    cfg = resolve(Config())
+    saved = Path(cfg.out) / "config.toml"
+    if cfg.resume and saved.is_file():
+        # a resumed run starts from the config it was started with; what is given now still overrides it
+        cfg = resolve(apply(Config(), load_toml(saved), str(saved)))
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except (ConfigError, CheckpointError, DataError, RunFolderError, runlock.RunLockError) as e:
+        print(f"askd.train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("askd.train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+

@@ -1,0 +1,209 @@
+"""One model's training: its phase (:class:`Stage`), its state (:class:`Trainer`) and one step.
+
+A training step (DESIGN.md section 3): uint8 HR batch -> device, [-1,1], random flip (:func:`to_input`) ->
+the LR version for a student -> frozen teacher forward on HR without grad (only when the method uses it) ->
+forward -> ArcFace cross-entropy + the method's loss terms -> SGD step; the LR schedule is evaluated per step.
+The step knows no method names: a method (:mod:`askd.losses`) says what it needs and returns its terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import models
+from ..checkpoint import CheckpointError, rng_state, set_rng_state
+from ..config import Config
+from ..data import degrade
+from ..losses import Method, Outputs
+from ..nn import ArcFace
+
+ROLES = ("teacher", "assistant", "student")  # what a phase trains: the inputs are HR, HR and LR
+
+
+def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
+    """Multiplier of the base LR at optimiser step ``step``: 0.1 per milestone passed.
+
+    Milestones are fractions of training. ``official`` reproduces the authors' scheduler, which is stepped
+    at the start of every epoch and so lowers the LR one epoch (of their 20) earlier than the paper's
+    text: the shift is 1/20 of training, exactly one epoch in the 20-epoch recipe.
+    """
+    total = cfg.epochs * steps_per_epoch
+    shift = total / 20 if cfg.variant == "official" else 0
+    passed = sum(step >= round(m * total) - shift for m in cfg.milestones)
+    return 0.1**passed
+
+
+@dataclasses.dataclass
+class Stage:
+    """One phase of a run: a ``role`` model of architecture ``arch`` trained with ``method`` (the teacher's is
+    ``base``), against the frozen ``teacher`` (its forward: the module or its compiled version) and its ArcFace
+    head when the method needs them. Students see the LR images, the teacher and HORKD's assistant HR."""
+
+    role: str
+    method: Method
+    arch: str
+    teacher: Callable | None = None
+    teacher_head: ArcFace | None = None
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"stage role {self.role!r}: expected one of {ROLES}")
+        if self.method.needs and self.teacher is None:
+            raise ValueError(f"method {self.method.name} needs {sorted(self.method.needs)} of a teacher; none given")
+
+    @property
+    def dirname(self) -> str:
+        """Its folder in the run folder: ``teacher``, ``assistant_<method>``, ``student_<method>``."""
+        return "teacher" if self.role == "teacher" else f"{self.role}_{self.method.name}"
+
+    @property
+    def lr_input(self) -> bool:
+        return self.role == "student"
+
+
+def to_input(images: torch.Tensor, device: torch.device, flip: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> float (B,3,H,W) in [-1,1] on ``device``, images with ``flip[b]`` mirrored."""
+    x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    x = torch.where(flip.to(device)[:, None, None, None], x.flip(3), x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def accuracy(head: ArcFace, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Share of the batch whose nearest class centre (cosine, no margin) is its label: training progress."""
+    with torch.no_grad():
+        return (head.cosine(emb).argmax(1) == labels).float().mean()
+
+
+def random_flips(n: int, seed: int, step: int) -> torch.Tensor:
+    """Which of the step's n images to mirror, bool (n,): a function of (seed, step) so resumes repeat it."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)) < 0.5
+
+
+def run_model(model, x: torch.Tensor, stages: bool) -> tuple:
+    """``(embedding, maps, stage outputs or None)`` of ``model`` on x; the stage outputs only when asked."""
+    if stages:
+        return model(x, stages=True)
+    emb, maps = model(x)
+    return emb, maps, None
+
+
+def step_loss(cfg: Config, stage: Stage, model, head: ArcFace, hr: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Forward one batch; returns the loss terms: ``ce`` and the method's, their sum ``loss`` (what is
+    minimised) and the training accuracy ``acc``."""
+    needs = stage.method.needs
+    x = degrade(hr, cfg.lr_side(), cfg.variant) if stage.lr_input else hr
+    emb, maps, feats = run_model(model, x, "stages" in needs)
+    logits = head(emb, labels)
+    out = Outputs(labels, emb, maps, logits, student_stages=feats)
+    if needs:
+        with torch.no_grad():
+            out.teacher_emb, out.teacher_maps, out.teacher_stages = run_model(stage.teacher, hr, "stages" in needs)
+            if "teacher_logits" in needs:
+                out.teacher_logits = stage.teacher_head(out.teacher_emb, labels)
+    terms = {"ce": F.cross_entropy(logits, labels), **stage.method(out)}
+    return {"loss": sum(terms.values()), **terms, "acc": accuracy(head, emb, labels)}
+
+
+def build_model(cfg: Config, arch: str, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, ArcFace]:
+    """A fresh backbone of ``arch`` (the config's variant, embedding size and kernels) and ArcFace head."""
+    model = models.create(arch, cfg.variant, cfg.embedding_size, backend=cfg.kernel_backend())
+    head = ArcFace(cfg.embedding_size, num_classes, cfg.arcface_s, cfg.arcface_m)
+    model, head = model.to(device), head.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, head
+
+
+def compile_model(model: torch.nn.Module):
+    """torch.compile ``model`` with inductor's defaults."""
+    return torch.compile(model)
+
+
+def freeze(model: torch.nn.Module, head: ArcFace) -> tuple[torch.nn.Module, ArcFace]:
+    """``model`` and ``head`` in eval mode without gradients: a teacher, or a trained model to evaluate."""
+    for module in (model, head):
+        module.eval().requires_grad_(False)
+    return model, head
+
+
+@dataclasses.dataclass
+class Trainer:
+    """One model's training state: model and ArcFace head, the method (and its state), SGD, the per-step LR
+    schedule, the AMP scaler."""
+
+    cfg: Config
+    stage: Stage
+    model: torch.nn.Module
+    head: ArcFace
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    num_classes: int
+    step: int = 0
+    fwd: Callable | None = None  # what the forward runs through: the compiled model, or None for the model itself
+
+    @classmethod
+    def create(cls, cfg: Config, stage: Stage, num_classes: int, steps_per_epoch: int, device: torch.device) -> Trainer:
+        """A fresh model, head, optimiser and schedule for ``cfg``; the model compiled with ``--compile``."""
+        torch.manual_seed(cfg.seed)
+        model, head = build_model(cfg, stage.arch, num_classes, device)
+        stage.method.to(device)
+        params = [*model.parameters(), *head.parameters(), *stage.method.parameters()]
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, steps_per_epoch))
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        fwd = compile_model(model) if cfg.compile else None
+        return cls(cfg, stage, model, head, opt, sched, scaler, num_classes, fwd=fwd)
+
+    def state(self, epoch: int) -> dict:
+        """The checkpoint dict (see askd.checkpoint)."""
+        cfg, stage = self.cfg, self.stage
+        return {
+            "model": self.model.state_dict(), "head": self.head.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+            "step": self.step, "rng": rng_state(), "config": dataclasses.asdict(cfg), "role": stage.role,
+            "method": stage.method.name, "method_state": stage.method.state_dict(), "arch": stage.arch,
+            "variant": cfg.variant, "embedding_size": cfg.embedding_size, "num_classes": self.num_classes,
+        }
+
+    def restore(self, ckpt: dict) -> None:
+        """Load this model's own checkpoint; one of another phase, architecture or variant is refused."""
+        stage, variant = self.stage, self.cfg.variant
+        have = (ckpt.get("role"), ckpt.get("method"), ckpt["arch"], ckpt["variant"])
+        want = (stage.role, stage.method.name, stage.arch, variant)
+        if have != want:
+            raise CheckpointError(
+                f"cannot resume {stage.dirname}: its checkpoint is {'/'.join(map(str, have))} "
+                f"(role/method/arch/variant), this run is {'/'.join(want)}"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.head.load_state_dict(ckpt["head"])
+        self.stage.method.load_state_dict(ckpt["method_state"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+
+    def train_step(self, hr: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Forward (under autocast when asked), backward, SGD and schedule step; returns the loss terms.
+
+        hr: float (B,3,112,112) in [-1,1] on the device (see :func:`to_input`); labels: int64 (B,)."""
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+        with torch.autocast(hr.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            terms = step_loss(self.cfg, self.stage, self.model if self.fwd is None else self.fwd, self.head, hr, labels)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        with warnings.catch_warnings():
+            # fp16: the scaler skips steps with inf/nan gradients; the schedule still counts them (torch warns)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.sched.step()
+        self.step += 1
+        return terms

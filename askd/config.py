@@ -226,7 +226,7 @@ def validate(cfg: Config) -> Config:
 def check_methods(cfg: Config) -> None:
     """Every spec of ``method`` known to the method registry, no student twice (aliases resolved)."""
     # imported here, not at the top: the registry imports torch, and reading a config file does not need it
-    from .losses.registry import canonical
+    from .losses.registry import canonical, needs_of
 
     try:
         specs = [canonical(m) for m in cfg.methods()]
@@ -237,6 +237,14 @@ def check_methods(cfg: Config) -> None:
     twice = sorted({m for m in specs if specs.count(m) > 1})
     if twice:
         raise ConfigError(f"config key 'method': {cfg.method!r} names the student {twice[0]} twice")
+    depth = {name: sum(blocks) for name, (blocks, _, _) in ARCHS.items()}
+    if cfg.assistant in depth and depth[cfg.assistant] != depth[cfg.arch]:
+        by_maps = [m for m in specs if "maps" in needs_of(m)]
+        if by_maps:
+            raise ConfigError(
+                f"--assistant {cfg.assistant} has {depth[cfg.assistant]} CBAM blocks, the teacher {cfg.arch} "
+                f"{depth[cfg.arch]}: {by_maps[0]} compares maps block by block; use an assistant of the same depth"
+            )
 
 
 def to_toml(cfg: Config) -> str:

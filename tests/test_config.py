@@ -38,6 +38,7 @@ def test_set_overrides_are_typed():
             (["--method", "askd,askd+at+askd"], "names a part twice"),
             (["--method", "askd_kd,askd+kd"], "the student askd+kd twice"),
             (["--assistant", "ir7"], "'assistant': got 'ir7'"),
+            (["--method", "horkd,askd_sa", "--assistant", "ir18_cbam"], "askd_sa compares maps block by block"),
         (["--amp", "fp8"], "'amp': got 'fp8'"),
         (["--set", "lr_size=2"], "'lr_size': got 2"),
         (["--set", "milestones=[0.5, 1.5]"], "'milestones'"),

@@ -35,7 +35,7 @@ def test_specs_aliases_and_needs():
         canonical("kd+kd")
     assert needs_of("base") == frozenset()
     assert needs_of("at+kd") == {"teacher", "stages", "teacher_logits"}
-    assert needs_of("askd") == {"teacher"}
+    assert needs_of("askd") == {"teacher", "maps"}
 
 
 def test_register_refuses_bad_methods():
@@ -59,7 +59,7 @@ def test_register_refuses_bad_methods():
 def test_composite_sums_parts_and_refuses_a_term_given_twice():
     cfg = Config(embedding_size=4)
     method = build("askd_kd", cfg, 3)
-    assert method.name == "askd+kd" and method.needs == {"teacher", "teacher_logits"}
+    assert method.name == "askd+kd" and method.needs == {"teacher", "maps", "teacher_logits"}
     assert list(method.state_dict()) == []
 
     class Echo(Method):

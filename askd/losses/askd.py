@@ -100,7 +100,7 @@ class ASKD(Method):
     """``attention_distill_loss`` of the run's variant, weight ``distill_weight``, with ``--fused`` kernels."""
 
     name = "askd"
-    needs = frozenset({"teacher"})
+    needs = frozenset({"teacher", "maps"})
     paper = "Shin et al., ECCV 2022 (A-SKD; gist-ailab/teaching-where-to-look)"
     kinds = KINDS
 

@@ -9,6 +9,8 @@ cross-entropy and has no method names in it.
 ``needs`` is a subset of :data:`NEEDS`; the student's embedding, maps and margin logits and the labels are
 always there:
     "teacher"         the frozen teacher's embedding and maps (a method without it runs no teacher forward)
+    "maps"            compares the teacher's CBAM maps with the student's block by block: both models need
+                      the same blocks (checked before a run with ``--assistant`` of another depth starts)
     "stages"          the four stage outputs of teacher and student (``model(x, stages=True)``)
     "teacher_logits"  the teacher's ArcFace margin logits on its embedding
 
@@ -25,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-NEEDS = frozenset({"teacher", "stages", "teacher_logits"})
+NEEDS = frozenset({"teacher", "maps", "stages", "teacher_logits"})
 ALIASES = {"askd_kd": "askd+kd"}
 MapPair = tuple[torch.Tensor, torch.Tensor]
 

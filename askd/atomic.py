@@ -2,8 +2,8 @@
 ``path`` only when the block ends without an exception, so a reader or a crash sees either the old file
 or the complete new one, never half of it.
 
-Used for checkpoints, verification .bin files and ONNX models. (A RecordIO pack is three files that
-must change together: ``askd.data.pack`` orders its own renames.)
+Used for checkpoints, verification .bin files, ONNX models and RecordIO packs (three files that change
+together: ``askd.data.pack`` nests three ``replacing`` blocks so that they are renamed in a fixed order).
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader
 from askd.data import ImageFolderFaces
 from askd.data import pack as pack_module
 from askd.data.folders import DataError
+from askd.data.insightface import RecordDataset
 from askd.data.pack import main, pack_folder
 from askd.data.recordio import (
     MAGIC,
     MAGIC_BYTES,
-    RecordDataset,
     RecordReader,
     RecordWriter,
     frame,

@@ -110,7 +110,8 @@ def test_drawing_windows_hold_every_shape(faces, monkeypatch):
     """Shapes are drawn only inside per-group windows; drawing everything on the whole image changes no bit."""
     ids, sams = torch.arange(16) % 10, torch.arange(16) % 4
     windowed = faces.render(ids, sams)
-    monkeypatch.setattr(synthetic, "_windows", lambda rows, boxes, size: {g: (slice(None),) * 2 for g in boxes[0]})
+    monkeypatch.setattr(synthetic.dataset, "_windows",
+                        lambda rows, boxes, size: {g: (slice(None),) * 2 for g in boxes[0]})
     assert torch.equal(faces.render(ids, sams), windowed)
 
 

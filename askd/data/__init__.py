@@ -2,7 +2,9 @@
 
 from .degrade import degrade, lr_size
 from .folders import DataError, ImageFolderFaces, list_identities
-from .recordio import RecordDataset, RecordReader, RecordWriter
+from .insightface import RecordDataset
+from .recordio import RecordReader, RecordWriter
+from .synthetic import SyntheticFaces
 from .verification_bin import make_bin, pair_indices, read_bin, read_bin_tensors, write_bin
 
 __all__ = [
@@ -22,11 +24,3 @@ __all__ = [
     "write_bin",
 ]
 
-
-def __getattr__(name: str):
-    # imported on first use, so that `python -m askd.data.synthetic` does not load that module twice
-    if name == "SyntheticFaces":
-        from .synthetic import SyntheticFaces
-
-        return SyntheticFaces
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

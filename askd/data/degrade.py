@@ -17,7 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..models import check_variant
+from ..archs import check_variant
 
 OFFICIAL_SIGMA = (0.1, 2.0)  # (x, y), as the authors' gaussian_blur(kernel_size=[5, 5], sigma=[0.1, 2.0])
 PAPER_SIGMA = (0.75, 0.75)

@@ -1,6 +1,7 @@
 """``python -m askd.data.pack SRC DST``: an image folder ``SRC/<identity>/<image>`` as an InsightFace RecordIO pack.
 
-``DST`` receives ``train.rec``, ``train.idx`` and ``property`` (formats in askd.data.recordio): header record
+``DST`` receives ``train.rec``, ``train.idx`` and ``property`` (formats in askd.data.recordio and
+askd.data.insightface): header record
 0 whose label is the identity-record key range [N+1, N+K+1); image records 1..N in ``ImageFolderFaces(SRC)``
 order (identities sorted, then images sorted), each labelled with its identity index 0..K-1 and resized to
 ``--size`` by the same rule; then identity records N+1..N+K, each holding its images' key range [start, end);
@@ -11,9 +12,9 @@ lossless PNG, whose items read back equal to ``ImageFolderFaces(SRC, size)`` bit
 out image folders) out of the pack and writes P verification pairs of them to ``DST/heldout.bin``, which
 ``askd.train --data DST`` then evaluates on.
 
-Writing is atomic: the three files are written under temporary names in DST, synced, and renamed only when
-complete, so an interrupted run leaves no pack that looks valid (see _commit for the order). Exit status 2
-with one line on stderr for bad input.
+Writing is atomic: the three files are written under temporary names in DST (askd.atomic), synced, and
+renamed only when complete, so an interrupted run leaves no pack that looks valid (see _write_pack for the
+order). Exit status 2 with one line on stderr for bad input.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import argparse
 import itertools
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
+from ..atomic import replacing
 from .folders import ENCODINGS, DataError, ImageFolderFaces, check_encoding, encode_image, split_identities
 from .recordio import RecordWriter, pack_header
 from .verification_bin import make_bin
@@ -44,7 +45,7 @@ def _identity_ranges(faces: ImageFolderFaces) -> list[range]:
     return [range(start, end) for start, end in itertools.pairwise(ends)]
 
 
-def _write(faces: ImageFolderFaces, rec: Path, idx: Path, fmt: str, quality: int) -> None:
+def _write_records(faces: ImageFolderFaces, rec: Path, idx: Path, fmt: str, quality: int) -> None:
     """Header record 0, the image records 1..N, then the identity records, to ``rec`` / ``idx``."""
     n, ranges = len(faces), _identity_ranges(faces)
     with RecordWriter(rec, idx) as writer:
@@ -61,23 +62,22 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _commit(temps: list[Path], finals: list[Path]) -> None:
-    """Rename the finished ``temps`` (rec, idx, property) over ``finals``.
+def _write_pack(faces: ImageFolderFaces, dst: Path, fmt: str, quality: int, size: int) -> None:
+    """Write ``dst``/{train.rec, train.idx, property}, each renamed over an older one only when all are complete.
 
-    An older pack's idx and property go first, so that no moment pairs the new .rec with an old .idx
+    ``replacing`` renames as its block is left, innermost first: the rec, then the idx, then property. An
+    older pack's idx and property go just before, so that no moment pairs the new .rec with an old .idx
     (wrong offsets) or an old property (wrong identity count); a stop in between leaves a pack without its
     .idx, which does not open, or the new rec and idx without property, which is complete.
     """
-    for old in (finals[2], finals[1]):
-        old.unlink(missing_ok=True)
-    for temp, final in zip(temps, finals, strict=True):
-        os.replace(temp, final)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    rec, idx, prop = (dst / name for name in FILES)
+    with replacing(prop) as prop_tmp, replacing(idx) as idx_tmp, replacing(rec) as rec_tmp:
+        _write_records(faces, rec_tmp, idx_tmp, fmt, quality)
+        prop_tmp.write_text(f"{faces.num_classes},{size},{size}\n", encoding="ascii")
+        # the long sync of the .rec before the old pack goes: a stop during it leaves that pack whole
+        _fsync(rec_tmp)
+        prop.unlink(missing_ok=True)
+        idx.unlink(missing_ok=True)
 
 
 def pack_folder(
@@ -98,26 +98,9 @@ def pack_folder(
         raise DataError(f"{src}: {len(faces)} images and {faces.num_classes} identities need record keys "
                         f"beyond {MAX_KEY}, which float32 labels cannot hold exactly")
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    finals = [dst / name for name in FILES]
-    temps = []
-    try:
-        for final in finals:
-            fd, temp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=dst)
-            os.close(fd)
-            os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; a pack gets a plain file's permissions
-            temps.append(Path(temp))
-        _write(faces, temps[0], temps[1], fmt, quality)
-        temps[2].write_text(f"{faces.num_classes},{size},{size}\n", encoding="ascii")
-        for temp in temps:
-            _fsync(temp)
-        _commit(temps, finals)
-    except BaseException:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-        raise
+    _write_pack(faces, dst, fmt, quality, size)
     return {"dst": str(dst), "images": len(faces), "identities": faces.num_classes, "format": fmt,
-            "bytes": finals[0].stat().st_size}
+            "bytes": (dst / FILES[0]).stat().st_size}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .folders import DataError, ImageFolderFaces, split_identities
-from .recordio import RecordDataset, pack_paths
+from .pairs import make_pairs
+from .insightface import RecordDataset, pack_paths
 from .synthetic import SyntheticFaces
 from .verification_bin import pair_indices, read_bin_tensors
 
@@ -87,8 +88,6 @@ def possible_pairs(labels: torch.Tensor, wanted: int) -> int:
 
 def held_out(images: torch.Tensor, labels: torch.Tensor, cfg) -> dict[str, PairSet]:
     """``{"held-out": pairs}``: ``eval_pairs`` pairs (half genuine) of the held-out images uint8 (N,3,112,112)."""
-    from ..eval.verification import make_pairs  # here: askd.eval imports askd.data
-
     idx_a, idx_b, issame = make_pairs(labels, possible_pairs(labels, cfg.eval_pairs), seed=cfg.seed)
     return {"held-out": PairSet(images, idx_a, idx_b, torch.as_tensor(issame))}
 

@@ -36,6 +36,7 @@ from PIL import Image
 
 from ..atomic import replacing
 from .folders import ENCODINGS, DataError, ImageFolderFaces, check_encoding, encode_image, load_image
+from .pairs import make_pairs
 
 PROG = "askd.data.verification_bin"
 PROTOCOL = 4  # compact bytes opcodes; protocol=2 also suits Python 2 readers, at about 1.5x the size
@@ -325,14 +326,11 @@ def make_bin(
 ) -> dict:
     """Write a .bin of ``num_pairs`` pairs sampled from ``root/<identity>/<image>`` (or only its ``identities``).
 
-    Images are read by ``ImageFolderFaces(root, size, identities)``; pairs come from ``askd.eval.make_pairs`` (genuine
-    and impostor alternating, balanced, deterministic for ``seed``). Each image is encoded and stored once
-    however many pairs use it (pickle shares repeated objects). Returns ``{"pairs", "same", "images"
-    (distinct images used), "identities"}``.
+    Images are read by ``ImageFolderFaces(root, size, identities)``; pairs come from
+    :func:`askd.data.pairs.make_pairs` (genuine and impostor alternating, balanced, deterministic for ``seed``).
+    Each image is encoded and stored once however many pairs use it (pickle shares repeated objects). Returns
+    ``{"pairs", "same", "images" (distinct images used), "identities"}``.
     """
-    # Imported here: askd.eval imports askd.data, so a module-level import would be circular in askd.data.
-    from ..eval.verification import make_pairs
-
     _check_encoding(fmt, quality, protocol)  # before reading the folder
     faces = ImageFolderFaces(root, size, identities)
     idx_a, idx_b, issame = make_pairs([label for _, label in faces.samples], num_pairs, seed)

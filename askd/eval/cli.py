@@ -32,10 +32,11 @@ from ..data.folders import DataError, ImageFolderFaces
 from ..data.verification_bin import pair_indices, read_bin_tensors
 from ..devices import resolve_device
 from .attention import attention_correlation
+from .embed import to_model_input
 from .figures import attention_figure, spatial_maps, stage_last_blocks
 from .identification import evaluate_tinyface
 from .report import correlation_table
-from .verification import PROTOCOLS, evaluate_pairs, to_model_input
+from .verification import PROTOCOLS, evaluate_pairs
 
 PROG = "askd.eval"
 

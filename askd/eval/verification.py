@@ -1,7 +1,9 @@
-"""Face verification on image pairs: pair sampling, flip-TTA embedding, 10-fold accuracy.
+"""Face verification on image pairs: the two protocols' 10-fold accuracy, and a model's accuracy on a pair list.
 
 Shapes: images uint8 (N,3,112,112), fed to the model as float (N,3,112,112) in [-1,1]; a pair list is
 ``idx_a, idx_b`` (P,) into the images with ``issame`` (P,) bool; pair features ``feat_a, feat_b`` (P,D).
+Pair lists are sampled by :mod:`askd.data.pairs` and images embedded by :mod:`askd.eval.embed`; both are
+importable from here too.
 
 Folds are the CONTIGUOUS k-fold split of the pair list (as sklearn ``KFold(shuffle=False)``: the first
 ``P % k`` folds hold one pair more); each fold's threshold is chosen on the other k-1 folds and its
@@ -21,18 +23,20 @@ fall on the other side of it than in the original.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 from torch import nn
 
+# Names imported "as" themselves are re-exported: importable from here, where they lived before the split.
+from ..data.pairs import make_pairs as make_pairs
+from .embed import Transform, check_images, flip_features
+from .embed import eval_mode as eval_mode
+from .embed import image_batches as image_batches
+from .embed import to_model_input as to_model_input
+
 PROTOCOLS = ("insightface", "askd")
 INSIGHTFACE_THRESHOLDS = np.arange(0, 4, 0.01)
 ASKD_THRESHOLDS = np.arange(-10000, 10001) / 10000
-
-Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def check_protocol(protocol: str) -> str:
@@ -44,68 +48,6 @@ def check_protocol(protocol: str) -> str:
 
 def _to_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-# ----------------------------------------------------------------------------------------------- pairs
-
-
-def _check_labels(labels) -> np.ndarray:
-    labels = _to_numpy(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D sequence of integers, got shape {labels.shape} dtype {labels.dtype}")
-    return labels.astype(np.int64)
-
-
-def _sample_ids(total: int, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n distinct ids from [0, total), or every id repeated as evenly as possible when n > total."""
-    if n <= total:
-        return rng.choice(total, size=n, replace=False)
-    reps = -(-n // total)
-    return np.concatenate([rng.permutation(total) for _ in range(reps)])[:n]
-
-
-def _decode_pairs(ids: np.ndarray, first: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pair id -> (p, q) positions, where position p owns ids [offset_p, offset_p + count_p) and the
-    partners ``first_p, first_p + 1, ...``; every unordered pair appears once. ids, first, count: 1-D."""
-    ends = np.cumsum(count)
-    p = np.searchsorted(ends, ids, side="right")
-    return p, first[p] + ids - (ends[p] - count[p])
-
-
-def make_pairs(labels: Sequence[int] | torch.Tensor, num_pairs: int, seed: int = 0):
-    """Sample a verification pair list from per-image identity ``labels`` (N,).
-
-    Genuine pairs (same label, two different images) and impostor pairs (different labels) are drawn
-    uniformly without replacement from all unordered pairs of their kind; only when a kind has fewer
-    distinct pairs than asked for are its pairs repeated. They alternate genuine, impostor, genuine, ...
-    so that every contiguous fold of two or more pairs holds both kinds and is balanced to within one
-    (an odd ``num_pairs`` has one genuine pair more). Deterministic for a given ``seed``.
-
-    Returns ``(idx_a LongTensor (P,), idx_b LongTensor (P,), issame BoolTensor (P,))``, P = num_pairs.
-    """
-    labels = _check_labels(labels)
-    if num_pairs < 2:
-        raise ValueError(f"num_pairs must be >= 2 (one genuine and one impostor pair), got {num_pairs}")
-    # Positions in label-sorted order make each identity a contiguous run [start, end).
-    order = np.argsort(labels, kind="stable")
-    _, starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)
-    if len(sizes) < 2:
-        raise ValueError(f"need at least 2 identities for impostor pairs, got {len(sizes)}")
-    if sizes.max() < 2:
-        raise ValueError("need an identity with at least 2 images for genuine pairs; every label occurs once")
-    pos = np.arange(len(labels))
-    ends = np.repeat(starts + sizes, sizes)
-    # Genuine partners of p: later images of its identity; impostor partners: every image after its run.
-    kinds = {True: (pos + 1, ends - pos - 1), False: (ends, len(labels) - ends)}
-    rng = np.random.default_rng(seed)
-    idx_a, idx_b = np.empty(num_pairs, np.int64), np.empty(num_pairs, np.int64)
-    issame = np.zeros(num_pairs, bool)
-    issame[0::2] = True
-    for same, (first, count) in kinds.items():
-        slots = np.flatnonzero(issame == same)
-        p, q = _decode_pairs(_sample_ids(int(count.sum()), len(slots), rng), first, count)
-        idx_a[slots], idx_b[slots] = order[p], order[q]
-    return torch.from_numpy(idx_a), torch.from_numpy(idx_b), torch.from_numpy(issame)
 
 
 # ------------------------------------------------------------------------------------------- accuracy
@@ -221,62 +163,7 @@ def verification_accuracy(feat_a, feat_b, issame, protocol: str = "insightface",
     }
 
 
-# ------------------------------------------------------------------------------------------ embedding
-
-
-def check_images(images) -> torch.Tensor:
-    """Return ``images`` (tensor or numpy) as a uint8 tensor (N,3,H,W), N >= 1, or raise ValueError."""
-    images = torch.as_tensor(images)
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3 or len(images) == 0:
-        raise ValueError(f"images must be uint8 (N,3,H,W) with N >= 1, got {tuple(images.shape)} {images.dtype}")
-    return images
-
-
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> float32 (B,3,H,W) in [-1,1], as the models are trained."""
-    return images.float() / 127.5 - 1.0
-
-
-def image_batches(images: torch.Tensor, batch_size: int, device) -> Iterator[torch.Tensor]:
-    """Float model inputs in [-1,1] on ``device``, ``batch_size`` images (B,3,H,W) at a time."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for batch in images.split(batch_size):
-        yield to_model_input(batch.to(device))
-
-
-@contextmanager
-def eval_mode(*models: nn.Module):
-    """Put ``models`` in eval mode for the block, then restore each one's train/eval flags."""
-    modes = [[m.training for m in model.modules()] for model in models]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for model, flags in zip(models, modes, strict=True):
-            for m, flag in zip(model.modules(), flags, strict=True):
-                m.training = flag
-
-
-def flip_features(model: nn.Module, images, batch_size: int = 64, device="cpu", transform: Transform | None = None):
-    """Embeddings of uint8 images (N,3,H,W) and of their horizontal flips: ``(feat (N,E), feat_flip (N,E))``.
-
-    ``transform`` (e.g. ``lambda x: degrade(x, 14)``) acts on the float batch in [-1,1] after flipping,
-    so the original and its flip get the same LR synthesis; it must treat images independently. The model
-    runs in eval mode under ``torch.inference_mode()``; the outputs are fp32 CPU tensors.
-    """
-    images = check_images(images)
-    feats, flips = [], []
-    with eval_mode(model), torch.inference_mode():
-        for x in image_batches(images, batch_size, device):
-            views = torch.cat([x, x.flip(3)])  # dim 3 = width: a horizontal (mirror) flip
-            if transform is not None:
-                views = transform(views)
-            emb = model(views)[0].float().cpu()
-            feats.append(emb[: len(x)])
-            flips.append(emb[len(x) :])
-    return torch.cat(feats), torch.cat(flips)
+# ------------------------------------------------------------------------------------- model on pairs
 
 
 def combine_flip(feat: torch.Tensor, feat_flip: torch.Tensor, protocol: str) -> torch.Tensor:

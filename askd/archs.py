@@ -1,8 +1,8 @@
 """The tables of the model registry: architecture names and shapes, CBAM variants.
 
-Plain data without torch, so that ``askd.config`` can check ``arch`` and ``variant`` without loading the
-models (``askd.models`` imports the CBAM kernels and the compiled extension); ``askd.models`` builds from
-these tables.
+Plain data without torch, so that ``askd.config``, ``askd.data`` and ``askd.losses`` can check ``arch`` and
+``variant`` without loading the models (``askd.models`` imports the CBAM kernels and the compiled extension);
+``askd.models`` builds from these tables.
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ ARCHS = {
     # 16 would leave the channel MLPs under two hidden units, which ReLU often kills for good.
     "ir_tiny_cbam": ((1, 1, 1, 1), (8, 8, 16, 32, 64), 2),
 }
+
+
+def check_variant(variant: str) -> str:
+    """Return ``variant`` or raise a ValueError listing the known ones."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    return variant
 
 
 def names() -> list[str]:

@@ -1,9 +1,14 @@
 """Backend selection for the fused ops: which of torch / triton / ext can run on a device, and which to use.
 
-``torch`` is the plain PyTorch implementation and always works. ``triton`` uses the kernels of the
-``askd.kernels`` package (the repository's ``kernels/`` folder), ``ext`` the ops that ``askd._C`` registers
-in ``torch.ops.askd`` (:data:`FUSED_OPS` names both for each fused op). A backend counts as available once it
-implements every fused op for the device type.
+``torch`` is the plain PyTorch implementation (each op's written-out reference) and always works.
+``triton`` uses the kernels of the ``askd.kernels`` package (the repository's ``kernels/`` folder), ``ext``
+the ops that ``askd._C`` registers in ``torch.ops.askd`` (:data:`FUSED_OPS` names both for each fused op).
+A backend counts as available once it implements every fused op for the device type.
+
+One vocabulary throughout: the ops are ``cbam`` and ``cosine_distill`` (the sum of the maps' cosine
+distances) in :mod:`askd.ops`, in ``askd.kernels`` and in the compiled extension;
+``askd.losses.attention_distill_loss`` is the A-SKD loss built on ``cosine_distill``; the backends are
+``torch``, ``triton`` and ``ext`` everywhere.
 ``auto`` picks the first available backend in :data:`AUTO_ORDER` and always ends at ``torch``.
 """
 
@@ -22,7 +27,7 @@ BACKENDS = ("torch", "triton", "ext", "auto")
 # fused op -> (its Triton module, its compiled ops in torch.ops.askd)
 FUSED_OPS = {
     "cbam": ("askd.kernels.cbam", ("cbam_forward", "cbam_backward")),
-    "attention_distill": ("askd.kernels.cosine_distill", ("cosine_distill_forward", "cosine_distill_backward")),
+    "cosine_distill": ("askd.kernels.cosine_distill", ("cosine_distill_forward", "cosine_distill_backward")),
 }
 ENV_VAR = "ASKD_BACKEND"
 # Fastest first, torch last so auto never fails. CPU: ext measured faster than torch (bench/results); Triton

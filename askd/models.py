@@ -8,15 +8,10 @@ The tables of names and shapes are in :mod:`askd.archs`.
 
 from __future__ import annotations
 
-from .archs import ARCHS, VARIANTS, names
+from .archs import ARCHS, VARIANTS, check_variant, names
 from .nn.iresnet import IResNetCBAM
 
-
-def check_variant(variant: str) -> str:
-    """Return ``variant`` or raise a ValueError listing the known ones."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    return variant
+__all__ = ["check_variant", "create", "names"]
 
 
 def create(name: str, variant: str = "official", embedding_size: int = 512, **kw) -> IResNetCBAM:

@@ -1,4 +1,4 @@
-"""Fused CBAM in Triton: the ``triton`` backend of ``askd::fused_cbam`` (contract: :mod:`askd.ops.cbam`).
+"""Fused CBAM in Triton: the ``triton`` backend of :func:`askd.ops.cbam.cbam` (contract: :mod:`askd.ops.cbam`).
 
 Shapes: x (B,C,H,W), NCHW- or channels_last-contiguous; p = h*W + w indexes the P = H*W pixels. Both layouts
 give p a single stride (W*sw == sh), so every kernel takes x's (batch, channel, pixel) strides and works on
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from askd.ops.cbam import acc_dtype
+from askd.numerics import acc_dtype, cbam_mlp, cbam_mlp_backward
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -245,8 +245,7 @@ def forward(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> tuple[Tensor, ...]
     bc, bp = _blocks(C, P, _PER_CHANNEL)
     _cbam_chan_pool_kernel[(B, triton.cdiv(C, bc))](x, chan, idx_c, C, P, sb, sc, sp, BLOCK_C=bc, BLOCK_P=bp, **meta)
 
-    hidden = F.relu(chan @ w1.to(acc).t())  # (B,2,R)
-    a_c = hidden.sum(dim=1) @ w2.to(acc).t()
+    a_c, _ = cbam_mlp(chan, w1.to(acc), w2.to(acc))
     g_c = torch.sigmoid(a_c)
 
     pooled = x.new_empty((B, 2, H, W), dtype=acc)
@@ -263,15 +262,6 @@ def forward(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> tuple[Tensor, ...]
         x, g_c, torch.sigmoid(a_s), y, C, P, sb, sc, sp, BLOCK_C=bc, BLOCK_P=bp, **meta
     )
     return y, a_c, a_s, chan, idx_c, pooled, idx_s
-
-
-def _mlp_backward(ga_c: Tensor, chan: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradient ga_c (B,C) of a_c = w2 @ sum_i relu(w1 @ chan[:,i]) -> dchan (B,2,C), dw1 (R,C), dw2 (C,R)."""
-    hidden = F.relu(chan @ w1.t())  # (B,2,R)
-    dw2 = ga_c.t() @ hidden.sum(dim=1)
-    dhidden = (ga_c @ w2)[:, None, :] * (hidden > 0)
-    dw1 = (dhidden.transpose(1, 2) @ chan).sum(dim=0)
-    return dhidden @ w1, dw1, dw2
 
 
 def backward(
@@ -309,7 +299,7 @@ def backward(
         dy, x, g_s, dpooled, idx_s, dg_c, C, P, sb, sc, sp, BLOCK_C=bc, BLOCK_P=bp, **meta
     )
     ga_c = da_c + dg_c * g_c * (1 - g_c)
-    dchan, dw1, dw2 = _mlp_backward(ga_c, chan, w1.to(acc), w2.to(acc))
+    dchan, dw1, dw2 = cbam_mlp_backward(ga_c, chan, w1.to(acc), w2.to(acc))
     dchan = dchan.contiguous()
 
     dx = torch.empty_like(x)

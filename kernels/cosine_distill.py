@@ -1,4 +1,4 @@
-"""Fused A-SKD loss in Triton: the ``triton`` backend of ``askd::fused_cosine_distill`` (contract:
+"""Fused A-SKD loss in Triton: the ``triton`` backend of :func:`askd.ops.cosine_distill.cosine_distill` (contract:
 :mod:`askd.ops.cosine_distill`).
 
 Shapes: M teacher/student map pairs, map j contiguous and read as (B, D_j); all maps share one dtype.
@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from askd.ops.cbam import acc_dtype
-from askd.ops.cosine_distill import EPS as _EPS
+from askd.numerics import EPS as _EPS
+from askd.numerics import acc_dtype
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _BLOCK = 1024  # elements of one row per step (maps are up to 56*56 = 3136 values per sample)

@@ -39,26 +39,26 @@ def backend_params(names: tuple[str, ...]) -> list:
     for device in DEVICES:
         reasons = backends.availability(device)
         for name in names:
-            reason = reasons.get(name)  # the ops' "reference" backend is not in the table: it always runs
+            reason = reasons[name]
             skip = pytest.mark.skipif(reason is not None, reason=f"{name} on {device}: {reason}")
             params.append(pytest.param(device, name, marks=skip, id=f"{device}-{name}"))
     return params
 
 
 FUSED = pytest.mark.parametrize("device,backend", backend_params(("ext", "triton")))
-OPS = pytest.mark.parametrize("device,backend", backend_params(("reference", "ext", "triton")))
+OPS = pytest.mark.parametrize("device,backend", backend_params(("torch", "ext", "triton")))
 ALL = pytest.mark.parametrize("device,backend", backend_params(("torch", "ext", "triton")))
 
 
 def cbam_impl(name: str):
     """forward/backward of one op-level CBAM backend (the raw compiled ops, the Triton module, the reference), as
     the op dispatches to them."""
-    return cbam_ops._impl(name)
+    return cbam_ops.backend_impl(name)
 
 
 def distill_impl(name: str):
     """forward/backward of one op-level loss backend, as the op dispatches to them."""
-    return distill_ops._impl(name)
+    return distill_ops.backend_impl(name)
 
 
 def modules(device: str, backend: str, channels: int = 8, reduction: int = 2, dtype=torch.float32):
@@ -291,7 +291,7 @@ def test_loss_op_empty_batch_raises(device, backend):
     teacher, student = loss_maps(device, B=0)
     with pytest.raises(ValueError, match="needs at least one sample, got batch size 0"):
         cosine_distill(list(teacher[0]), list(student[0]), 5.0, backend)
-    if backend == "reference":
+    if backend == "torch":
         return
     error = RuntimeError if backend == "ext" else ValueError
     with pytest.raises(error, match="needs at least one sample, got batch size 0"):

@@ -139,12 +139,12 @@ def test_cbam_ties_take_first_index():
 def test_cbam_autograd_through_ext_matches_reference():
     x, w1, w2, ws = make_cbam((2, 16, 9, 7, 7, 4), torch.float32, CL)
     grads = {}
-    for backend in ("ext", "reference"):
+    for backend in ("ext", "torch"):
         leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2, ws)]
         y, a_c, a_s = cbam(*leaves, backend=backend)
         (y.square().sum() + a_c.sin().sum() + a_s.cos().sum()).backward()
         grads[backend] = [t.grad for t in leaves]
-    for a, r in zip(grads["ext"], grads["reference"], strict=True):
+    for a, r in zip(grads["ext"], grads["torch"], strict=True):
         close(a, r, (1e-4, 1e-4))
 
 

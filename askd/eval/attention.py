@@ -15,7 +15,8 @@ import math
 import torch
 from torch import nn
 
-from .verification import Transform, check_images, eval_mode, image_batches
+from ..nn.cbam import check_map_pairs
+from .embed import Transform, check_images, eval_mode, image_batches
 
 
 def pearson(a, b) -> float:
@@ -69,18 +70,6 @@ class PearsonAccumulator:
         return max(-1.0, min(1.0, (self.n * sxy - sx * sy) / math.sqrt(var_x * var_y)))
 
 
-def _check_maps(teacher_maps, student_maps, num_blocks: int) -> None:
-    if len(teacher_maps) != num_blocks or len(student_maps) != num_blocks:
-        raise ValueError(
-            f"teacher and student must return one map pair per block alike, got {len(teacher_maps)} and "
-            f"{len(student_maps)} blocks (expected {num_blocks})"
-        )
-    for i, (t, s) in enumerate(zip(teacher_maps, student_maps, strict=True)):
-        for kind, tm, sm in (("channel", t[0], s[0]), ("spatial", t[1], s[1])):
-            if tm.shape != sm.shape:
-                raise ValueError(f"block {i} {kind} maps differ: teacher {tuple(tm.shape)}, student {tuple(sm.shape)}")
-
-
 def attention_correlation(
     teacher: nn.Module, student: nn.Module, images, transform: Transform, batch_size: int = 64, device="cpu"
 ) -> list[dict]:
@@ -101,7 +90,9 @@ def attention_correlation(
             if not channel:
                 channel = [PearsonAccumulator() for _ in teacher_maps]
                 spatial = [PearsonAccumulator() for _ in teacher_maps]
-            _check_maps(teacher_maps, student_maps, len(channel))
+            check_map_pairs(teacher_maps, student_maps)
+            if len(student_maps) != len(channel):
+                raise ValueError(f"the models gave {len(student_maps)} map pairs, {len(channel)} on the first batch")
             for i, ((tc, ts), (sc, ss)) in enumerate(zip(teacher_maps, student_maps, strict=True)):
                 channel[i].update(tc, sc)
                 spatial[i].update(ts, ss)

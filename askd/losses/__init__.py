@@ -6,8 +6,9 @@ Each module holds a method's loss, written out and unweighted (importable from h
 both live in one file, and adding a method is that one file and its import here.
 """
 
+from ..ops.cosine_distill import cosine_distance
 from . import registry
-from .askd import attention_distill_loss, cosine_distance
+from .askd import attention_distill_loss
 from .at import at_cos_loss, at_loss, attention_map
 from .fkd import fkd_loss
 from .horkd import ClassCentres, horkd_loss

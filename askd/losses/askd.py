@@ -25,45 +25,10 @@ from collections.abc import Sequence
 import torch
 
 from .. import backend as backends
-from ..models import check_variant
-from ..ops.cosine_distill import check_batch, cosine_distill
-from .registry import MapPair, Method, Outputs, register
-
-EPS = 1e-8
-KINDS = ("channel", "spatial")  # the order of a block's maps
-
-
-def cosine_distance(t: torch.Tensor, s: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """mean_b(1 - cos(t_b, s_b)) for t, s of shape (B, ...), computed in fp32 at least; a scalar."""
-    dtype = torch.promote_types(s.dtype, torch.float32)
-    t = t.detach().reshape(t.shape[0], -1).to(dtype)
-    s = s.reshape(s.shape[0], -1).to(dtype)
-    dot = (t * s).sum(dim=1)
-    norms = torch.linalg.vector_norm(t, dim=1) * torch.linalg.vector_norm(s, dim=1)
-    return (1.0 - dot / norms.clamp_min(eps)).mean()
-
-
-def _check_maps(teacher_maps: Sequence[MapPair], student_maps: Sequence[MapPair]) -> None:
-    if len(teacher_maps) != len(student_maps) or not teacher_maps:
-        raise ValueError(
-            f"teacher and student must give the same non-zero number of CBAM blocks, "
-            f"got {len(teacher_maps)} and {len(student_maps)}"
-        )
-    batch = student_maps[0][0].shape[0] if student_maps[0] and student_maps[0][0].dim() else None
-    check_batch(batch)  # B = 0: a clear error in every backend, not NaN or a reshape error
-    for i, (tp, sp) in enumerate(zip(teacher_maps, student_maps, strict=True)):
-        if len(tp) != 2 or len(sp) != 2:
-            raise ValueError(f"block {i}: expected a (channel_map, spatial_map) pair from each model")
-        for kind, t, s in (("channel", tp[0], sp[0]), ("spatial", tp[1], sp[1])):
-            if t.shape != s.shape:
-                raise ValueError(f"block {i} {kind} map: teacher {tuple(t.shape)} != student {tuple(s.shape)}")
-            if t.device != s.device:
-                raise ValueError(f"block {i} {kind} map: teacher on {t.device}, student on {s.device}")
-            if s.dim() < 2 or s.shape[0] != batch or not (t.is_floating_point() and s.is_floating_point()):
-                raise ValueError(
-                    f"block {i} {kind} map: expected floating-point maps of shape (B={batch}, ...), "
-                    f"got {tuple(s.shape)} {s.dtype} (teacher {t.dtype})"
-                )
+from ..archs import check_variant
+from ..nn.cbam import KINDS, MapPair, check_map_pairs
+from ..ops.cosine_distill import cosine_distill, cosine_distill_ref
+from .registry import Method, Outputs, register
 
 
 def attention_distill_loss(
@@ -80,19 +45,17 @@ def attention_distill_loss(
     a sample's map makes its loss term and its whole gradient row NaN in every backend.
     """
     check_variant(variant)
-    _check_maps(teacher_maps, student_maps)
+    check_map_pairs(teacher_maps, student_maps)  # B = 0 too: a clear error in every backend, not NaN
     if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(KINDS):
         raise ValueError(f"kinds: expected distinct names of {list(KINDS)}, got {list(kinds)}")
     keep = [KINDS.index(k) for k in kinds]
     scale = weight / len(keep) if variant == "paper" else weight
     name = backends.resolve_constant(backend, student_maps[0][0].device.type)
-    if name != "torch":
-        teacher = [pair[k] for pair in teacher_maps for k in keep]
-        student = [pair[k] for pair in student_maps for k in keep]
-        return cosine_distill(teacher, student, scale, name, checked=True)
-    pairs = zip(teacher_maps, student_maps, strict=True)
-    per_map = [cosine_distance(t[k], s[k]) for t, s in pairs for k in keep]
-    return scale * torch.stack(per_map).sum()
+    teacher = [pair[k] for pair in teacher_maps for k in keep]
+    student = [pair[k] for pair in student_maps for k in keep]
+    if name == "torch":
+        return cosine_distill_ref(teacher, student, scale)
+    return cosine_distill(teacher, student, scale, name, checked=True)
 
 
 @register

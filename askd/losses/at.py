@@ -6,7 +6,7 @@ Per stage output f (B,C,H,W) of teacher and student (the four IR-ResNet stages):
     AT:    L = sum_stages mean_{b,p}((at(s) - at(t))^2)     method ``at``: weighted by beta/2, beta = 1000
     AT*:   L = sum_stages mean_b(1 - cos(at(t), at(s)))     method ``at_cos`` (A-SKD Table 3): weight 5
 
-The cosine is A-SKD's (:func:`askd.losses.askd.cosine_distance`, eps 1e-8). The maps average over channels,
+The cosine is A-SKD's (:func:`askd.ops.cosine_distill.cosine_distance`, eps 1e-8). The maps average over channels,
 so teacher and student may differ in width. Computed in fp32 at least; the teacher is detached.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .askd import cosine_distance
+from ..ops.cosine_distill import cosine_distance
 from .checks import check_lists, compute_dtype
 from .registry import Outputs, Weighted, register
 

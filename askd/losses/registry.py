@@ -27,9 +27,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..nn.cbam import MapPair
+
 NEEDS = frozenset({"teacher", "maps", "stages", "teacher_logits"})
 ALIASES = {"askd_kd": "askd+kd"}
-MapPair = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass

@@ -11,20 +11,27 @@ through hooks. Shapes: x (B,C,H,W) -> y (B,C,H,W), channel_map (B,C), spatial_ma
 ``maps="logits"`` returns (a_c, a_s) as the authors' code distils them; ``maps="sigmoid"`` returns
 (sigmoid(a_c), sigmoid(a_s)) as the paper's text describes.
 
-``backend`` picks the implementation (:mod:`askd.backend`): ``"torch"`` runs the modules below, ``"triton"``
-and ``"ext"`` the fused op :func:`askd.ops.cbam` (same formula; its maps come back in float32, float64 for
-float64 input), ``"auto"`` the fastest available; None means ``$ASKD_BACKEND`` or ``"torch"``.
+``backend`` picks the implementation (:mod:`askd.backend`): ``"torch"`` runs the formula's reference
+:func:`askd.ops.cbam.cbam_ref` on the module's weights, ``"triton"`` and ``"ext"`` the fused op
+:func:`askd.ops.cbam.cbam` (same formula; its maps come back in float32, float64 for float64 input),
+``"auto"`` the fastest available; None means ``$ASKD_BACKEND`` or ``"torch"``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .. import backend as backends
 from ..ops.cbam import cbam as cbam_op
+from ..ops.cbam import cbam_ref
+from ..ops.cosine_distill import check_maps
 
 MAP_KINDS = ("logits", "sigmoid")
+KINDS = ("channel", "spatial")  # the order of the two maps of a block
+MapPair = tuple[torch.Tensor, torch.Tensor]
 
 
 class CBAM(nn.Module):
@@ -68,29 +75,29 @@ class CBAM(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"CBAM({self.channels}) expects x of shape (B,{self.channels},H,W), got {tuple(x.shape)}")
         name = backends.resolve_constant(self.backend, x.device.type)
-        if name == "torch":
-            y, a_c, a_s = self._reference(x)
-        else:
-            y, a_c, a_s = self._fused(x, name)
+        k = self.spatial_kernel
+        weights = self.mlp[0].weight.flatten(1), self.mlp[2].weight.flatten(1), self.spatial.weight.view(2, k, k)
+        y, a_c, a_s = cbam_ref(x, *weights) if name == "torch" else cbam_op(x, *weights, name)
         if self.maps == "sigmoid":
             return y, torch.sigmoid(a_c), torch.sigmoid(a_s)
         return y, a_c, a_s
 
-    def _fused(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        w1, w2 = self.mlp[0].weight, self.mlp[2].weight
-        k = self.spatial_kernel
-        return cbam_op(x, w1.flatten(1), w2.flatten(1), self.spatial.weight.view(2, k, k), name)
-
-    def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        avg = x.mean(dim=(2, 3), keepdim=True)
-        # max with indices (not amax) so the gradient goes to one element, as in the authors' pooling
-        mx = x.flatten(2).max(dim=2).values[..., None, None]
-        a_c = self.mlp(avg) + self.mlp(mx)  # (B,C,1,1)
-        x_c = x * torch.sigmoid(a_c)
-        pooled = torch.cat([x_c.mean(dim=1, keepdim=True), x_c.max(dim=1, keepdim=True).values], dim=1)
-        a_s = self.spatial(pooled)  # (B,1,H,W)
-        return x_c * torch.sigmoid(a_s), a_c.flatten(1), a_s
-
     def extra_repr(self) -> str:
         backend = "" if self.backend is None else f", backend={self.backend!r}"
         return f"channels={self.channels}, spatial_kernel={self.spatial_kernel}, maps={self.maps!r}{backend}"
+
+
+def check_map_pairs(teacher_maps: Sequence[MapPair], student_maps: Sequence[MapPair]) -> None:
+    """Two models' maps, one ``(channel (B,C), spatial (B,1,H,W))`` pair per CBAM block: the same non-zero number
+    of blocks, and per map what :func:`askd.ops.cosine_distill.check_maps` asks (shape, batch, device, dtype);
+    a ValueError naming the block and the map otherwise."""
+    if len(teacher_maps) != len(student_maps) or not teacher_maps:
+        raise ValueError(
+            f"teacher and student must give the same non-zero number of CBAM blocks, "
+            f"got {len(teacher_maps)} and {len(student_maps)}"
+        )
+    for i, (tp, sp) in enumerate(zip(teacher_maps, student_maps, strict=True)):
+        if len(tp) != 2 or len(sp) != 2:
+            raise ValueError(f"block {i}: expected a (channel_map, spatial_map) pair from each model")
+    names = [f"block {i} {kind} map" for i in range(len(student_maps)) for kind in KINDS]
+    check_maps([m for pair in teacher_maps for m in pair], [m for pair in student_maps for m in pair], names)

@@ -29,10 +29,18 @@ output is then empty and the weight gradients are zero, with no kernel launched.
 
     -> dx (like x), dw1, dw2, dws (each in its weight's dtype)
 
-The ops ``askd::fused_cbam`` / ``askd::fused_cbam_backward`` dispatch to a backend by name (``triton``:
-``askd.kernels.cbam``; ``ext``: ``torch.ops.askd.cbam_forward`` / ``cbam_backward``; ``reference``: the
-functions here, for testing the glue) and carry fake kernels and autograd, so ``torch.compile`` treats a
-CBAM block as one opaque node without graph breaks.
+Two registrations, one pattern (the same as :mod:`askd.ops.cosine_distill`): autograd is a plain
+``torch.autograd.Function``. ``ext`` calls the compiled ops ``torch.ops.askd.cbam_forward`` /
+``cbam_backward`` directly (registered in C++ with the fake kernels below, so torch.compile traces them);
+the Python backends (``triton``: :mod:`askd.kernels.cbam`; ``torch``: the references here, for testing the
+glue) run inside the custom ops ``askd::fused_cbam`` / ``askd::fused_cbam_backward`` so that torch.compile
+sees one opaque node. Wrapping the compiled op in a second, Python custom op with ``register_autograd`` (as
+this module did before) bought nothing, the compiled op has its schema and fakes already, and measured
+slower: a CBAM forward + backward through ``ext`` took 1.25-1.32 ms nested against 0.82-0.86 ms now at
+B=1, C=8, 4x4, and 2.34-2.46 ms against 1.87-1.94 ms at B=8, C=64, 14x14 (2-core AMD EPYC, Zen 4,
+OMP_NUM_THREADS=1, best of 15 x 200 calls, three alternating runs each).
+:func:`cbam_ref` is the formula itself, differentiable by autograd: ``askd.nn.CBAM(backend="torch")`` runs
+it, and the tests check every backend against it.
 """
 
 from __future__ import annotations
@@ -45,37 +53,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
+from ..numerics import acc_dtype, cbam_mlp, cbam_mlp_backward, memory_format
 
 Outputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation (and map) dtype for inputs of ``dtype``: float64 stays, everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last if x is laid out that way (and not also plain contiguous), else contiguous_format."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+BACKENDS = ("triton", "ext", "torch")
 
 
 def cbam_ref(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The CBAM formula in plain PyTorch at x's dtype: (y, a_c (B,C), a_s (B,1,H,W)). See :mod:`askd.nn.cbam`."""
-    avg = x.mean(dim=(2, 3))
-    mx = x.flatten(2).max(dim=2).values
-    a_c = F.relu(avg @ w1.t()) @ w2.t() + F.relu(mx @ w1.t()) @ w2.t()
-    xc = x * torch.sigmoid(a_c)[:, :, None, None]
-    pooled = torch.stack([xc.mean(dim=1), xc.max(dim=1).values], dim=1)
-    a_s = F.conv2d(pooled, ws[None], padding=ws.shape[-1] // 2)
-    return xc * torch.sigmoid(a_s), a_c, a_s
+    """The CBAM formula in plain PyTorch at x's dtype: (y, a_c (B,C), a_s (B,1,H,W)), differentiable by autograd.
 
+    x (B,C,H,W), w1 (R,C), w2 (C,R), ws (2,k,k). The MLP runs as 1x1 convolutions on each pooled vector, the
+    computation of the ``nn.Conv2d`` layers :class:`askd.nn.CBAM` ran before it called this: in float32 the
+    outputs and gradients are the same bit for bit. Under autocast the two MLP passes now cast the weights
+    each (views are not in autocast's cache), so their weight gradients add up in float32 where the cached
+    low-precision cast added them in bfloat16 / float16: closer to the fused backends, not bitwise the old.
+    """
+    avg = x.mean(dim=(2, 3), keepdim=True)
+    # max with indices (not amax) so the gradient goes to one element, as in the authors' pooling
+    mx = x.flatten(2).max(dim=2).values[..., None, None]
+    w1, w2 = w1[:, :, None, None], w2[:, :, None, None]
 
-def _mlp(chan: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
-    """chan (B,2,C) -> (a_c (B,C), hidden (B,2,R) after ReLU)."""
-    hidden = F.relu(chan @ w1.t())
-    return hidden.sum(dim=1) @ w2.t(), hidden
+    def mlp(v: Tensor) -> Tensor:
+        return F.conv2d(F.relu(F.conv2d(v, w1)), w2)
+
+    a_c = mlp(avg) + mlp(mx)  # (B,C,1,1)
+    xc = x * torch.sigmoid(a_c)
+    pooled = torch.cat([xc.mean(dim=1, keepdim=True), xc.max(dim=1, keepdim=True).values], dim=1)
+    a_s = F.conv2d(pooled, ws[None], padding=ws.shape[-1] // 2)  # (B,1,H,W)
+    return xc * torch.sigmoid(a_s), a_c.flatten(1), a_s
 
 
 def cbam_forward_ref(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> Outputs:
@@ -85,7 +90,7 @@ def cbam_forward_ref(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> Outputs:
     flat = xf.flatten(2)
     cmax, idx_c = flat.max(dim=2)
     chan = torch.stack([flat.mean(dim=2), cmax], dim=1)
-    a_c, _ = _mlp(chan, w1.to(acc), w2.to(acc))
+    a_c, _ = cbam_mlp(chan, w1.to(acc), w2.to(acc))
     xc = xf * torch.sigmoid(a_c)[:, :, None, None]
     smax, idx_s = xc.max(dim=1)
     pooled = torch.stack([xc.mean(dim=1), smax], dim=1)
@@ -102,31 +107,26 @@ def cbam_backward_ref(
     acc = a_c.dtype
     B, C, H, W = x.shape
     xf, dyf = x.to(acc), dy.to(acc)
-    w1f, w2f, wsf = w1.to(acc), w2.to(acc), ws.to(acc)
     g_c, g_s = torch.sigmoid(a_c)[:, :, None, None], torch.sigmoid(a_s)
     dg_s = (dyf * xf * g_c).sum(dim=1, keepdim=True)
     ga_s = da_s + dg_s * g_s * (1 - g_s)
     k = ws.shape[-1]
     dpooled, dws = torch.ops.aten.convolution_backward(
-        ga_s, pooled, wsf[None], None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, True, False]
+        ga_s, pooled, ws.to(acc)[None], None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, True, False]
     )[:2]
     at_smax = F.one_hot(idx_s.long(), C).permute(0, 3, 1, 2).to(acc)  # (B,C,H,W): 1 where c == idx_s
     dxc = dyf * g_s + dpooled[:, :1] / C + at_smax * dpooled[:, 1:]
     dg_c = (dxc * xf).sum(dim=(2, 3))
     sig = g_c.flatten(1)
     ga_c = da_c + dg_c * sig * (1 - sig)
-    _, hidden = _mlp(chan, w1f, w2f)
-    dw2 = ga_c.t() @ hidden.sum(dim=1)
-    dhidden = (ga_c @ w2f)[:, None, :] * (hidden > 0)
-    dw1 = (dhidden.transpose(1, 2) @ chan).sum(dim=0)
-    dchan = dhidden @ w1f
+    dchan, dw1, dw2 = cbam_mlp_backward(ga_c, chan, w1.to(acc), w2.to(acc))
     at_cmax = F.one_hot(idx_c.long(), H * W).reshape(B, C, H, W).to(acc)
     dx = dxc * g_c + dchan[:, 0, :, None, None] / (H * W) + at_cmax * dchan[:, 1, :, None, None]
     dx = dx.to(x.dtype).contiguous(memory_format=memory_format(x))
     return dx, dw1.to(w1.dtype), dw2.to(w2.dtype), dws[0].to(ws.dtype)
 
 
-class _Reference:
+class _Torch:
     forward = staticmethod(cbam_forward_ref)
     backward = staticmethod(cbam_backward_ref)
 
@@ -141,19 +141,21 @@ class _Ext:
         return torch.ops.askd.cbam_backward(*args)
 
 
-def _impl(backend: str):
-    if backend == "reference":
-        return _Reference
+def backend_impl(backend: str):
+    """The module (or class) with ``forward`` / ``backward`` of the contract for ``backend``."""
+    if backend == "torch":
+        return _Torch
     if backend == "ext":
         return _Ext
     if backend == "triton":
         return importlib.import_module("askd.kernels.cbam")
-    raise ValueError(f"fused CBAM has no backend {backend!r}; expected triton, ext or reference")
+    raise ValueError(f"fused CBAM has no backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
 def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
     """Autocast off on x's device: the contract keeps maps and statistics in acc, and autocast would recast the
-    backends' matmuls and convolutions on them (Triton's glue, the reference) to its low precision."""
+    Python backends' matmuls and convolutions (Triton's glue, the references) to its low precision. The compiled
+    ops keep autocast out themselves."""
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
@@ -162,9 +164,9 @@ def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
 
 @torch.library.custom_op("askd::fused_cbam", mutates_args=())
 def fused_cbam(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor, backend: str) -> Outputs:
-    """Fused CBAM forward through ``backend``; outputs as :func:`cbam_forward_ref`."""
+    """Fused CBAM forward through a Python ``backend`` (triton, torch); outputs as :func:`cbam_forward_ref`."""
     with _no_autocast(x):
-        return tuple(_impl(backend).forward(x, w1, w2, ws))
+        return tuple(backend_impl(backend).forward(x, w1, w2, ws))
 
 
 def _fake_forward(x, w1, w2, ws):
@@ -186,9 +188,10 @@ def fused_cbam_backward(
     dy: Tensor, da_c: Tensor, da_s: Tensor, x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor,
     a_c: Tensor, a_s: Tensor, chan: Tensor, idx_c: Tensor, pooled: Tensor, idx_s: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Fused CBAM backward through ``backend``; outputs as :func:`cbam_backward_ref`."""
+    """Fused CBAM backward through a Python ``backend``; outputs as :func:`cbam_backward_ref`."""
     with _no_autocast(x):
-        return tuple(_impl(backend).backward(dy, da_c, da_s, x, w1, w2, ws, a_c, a_s, chan, idx_c, pooled, idx_s))
+        saved = (a_c, a_s, chan, idx_c, pooled, idx_s)
+        return tuple(backend_impl(backend).backward(dy, da_c, da_s, x, w1, w2, ws, *saved))
 
 
 def _fake_backward(dy, da_c, da_s, x, w1, w2, ws, *saved):
@@ -198,40 +201,54 @@ def _fake_backward(dy, da_c, da_s, x, w1, w2, ws, *saved):
 fused_cbam.register_fake(lambda *args: _fake_forward(*args[:-1]))
 fused_cbam_backward.register_fake(lambda *args: _fake_backward(*args[:-1]))
 if _ext.load() is not None and hasattr(torch.ops.askd, "cbam_forward"):
-    # the compiled ops' own fakes, so torch.compile and opcheck can trace them when called directly
+    # the compiled ops' fakes, so torch.compile and opcheck can trace them
     torch.library.register_fake("askd::cbam_forward")(_fake_forward)
     torch.library.register_fake("askd::cbam_backward")(_fake_backward)
 
 
-def _setup_context(ctx, inputs, output):
-    x, w1, w2, ws, ctx.backend = inputs
-    _, a_c, a_s, chan, idx_c, pooled, idx_s = output
-    ctx.save_for_backward(x, w1, w2, ws, a_c, a_s, chan, idx_c, pooled, idx_s)
+def _run_forward(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor, backend: str) -> Outputs:
+    if backend == "ext":
+        return _Ext.forward(x, w1, w2, ws)
+    return fused_cbam(x, w1, w2, ws, backend)
 
 
-def _backward(ctx, dy, da_c, da_s, *_):
-    x, w1, w2, ws, a_c, a_s, chan, idx_c, pooled, idx_s = ctx.saved_tensors
-    # autograd hands in zeros for unused outputs; kernels want dy in x's layout
-    dy = dy.contiguous(memory_format=memory_format(x))
-    dx, dw1, dw2, dws = fused_cbam_backward(
-        dy, da_c.contiguous(), da_s.contiguous(), x, w1, w2, ws, a_c, a_s, chan, idx_c, pooled, idx_s, ctx.backend
-    )
-    return dx, dw1, dw2, dws, None
+def _run_backward(*args: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "ext":
+        return _Ext.backward(*args)
+    return fused_cbam_backward(*args, backend)
 
 
-fused_cbam.register_autograd(_backward, setup_context=_setup_context)
+class _FusedCBAM(torch.autograd.Function):
+    """Autograd of the fused CBAM: forward saves the contract's statistics, backward hands them to the backend."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        y, a_c, a_s, chan, idx_c, pooled, idx_s = _run_forward(x, w1, w2, ws, backend)
+        ctx.backend = backend
+        ctx.save_for_backward(x, w1, w2, ws, a_c, a_s, chan, idx_c, pooled, idx_s)
+        return y, a_c, a_s
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, da_c: Tensor, da_s: Tensor):
+        x, w1, w2, ws, a_c, a_s, chan, idx_c, pooled, idx_s = ctx.saved_tensors
+        # autograd hands in zeros for unused outputs; the kernels want dy in x's layout
+        dy = dy.contiguous(memory_format=memory_format(x))
+        grads = _run_backward(
+            dy, da_c.contiguous(), da_s.contiguous(), x, w1, w2, ws, a_c, a_s, chan, idx_c, pooled, idx_s,
+            backend=ctx.backend,
+        )
+        return (*grads, None)
 
 
 def cbam(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused CBAM through ``backend`` (``triton``, ``ext`` or ``reference``): (y, a_c (B,C), a_s (B,1,H,W)).
+    """Fused CBAM through ``backend`` (``triton``, ``ext`` or ``torch``): (y, a_c (B,C), a_s (B,1,H,W)).
 
     x (B,C,H,W) in any layout (copied to NCHW unless it is channels_last); w1 (R,C), w2 (C,R), ws (2,k,k).
     Maps come back in float32 (float64 for float64 x), y in x's dtype and layout.
     """
     check_inputs(x, w1, w2, ws)
     x = x.contiguous(memory_format=memory_format(x))
-    y, a_c, a_s, *_ = fused_cbam(x, w1.contiguous(), w2.contiguous(), ws.contiguous(), backend)
-    return y, a_c, a_s
+    return _FusedCBAM.apply(x, w1.contiguous(), w2.contiguous(), ws.contiguous(), backend)
 
 
 def check_inputs(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> None:

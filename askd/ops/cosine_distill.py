@@ -18,7 +18,7 @@ row's dot and norms NaN, so its loss term and its whole gradient row are NaN, as
 ``scale`` carries the variant: ``weight`` for ``official`` (sum over all 2N maps), ``weight / 2`` for ``paper``
 (mean of the channel and spatial terms per block). Teacher maps get no gradient. Backends: ``triton``
 (``askd.kernels.cosine_distill``), ``ext`` (``torch.ops.askd.cosine_distill_forward`` / ``_backward``) and
-``reference`` (the functions here).
+``torch`` (the functions here).
 """
 
 from __future__ import annotations
@@ -30,20 +30,23 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .cbam import acc_dtype
+from ..numerics import EPS, acc_dtype
 
-EPS = 1e-8
+BACKENDS = ("triton", "ext", "torch")
+
+
+def cosine_distance(t: Tensor, s: Tensor, eps: float = EPS) -> Tensor:
+    """mean_b(1 - cos(t_b, s_b)) for one map pair t, s (B, ...), in acc; differentiable in ``s`` only."""
+    acc = acc_dtype(s.dtype)
+    t, s = t.detach().reshape(t.shape[0], -1).to(acc), s.reshape(s.shape[0], -1).to(acc)
+    n = torch.linalg.vector_norm(t, dim=1) * torch.linalg.vector_norm(s, dim=1)
+    return (1 - (t * s).sum(dim=1) / n.clamp_min(eps)).mean()
 
 
 def cosine_distill_ref(teacher: list[Tensor], student: list[Tensor], scale: float) -> Tensor:
-    """``scale * sum_j mean_b(1 - cos(t_jb, s_jb))`` in plain PyTorch, differentiable in ``student``."""
-    total = 0.0
-    for t, s in zip(teacher, student, strict=True):
-        acc = acc_dtype(s.dtype)
-        t, s = t.detach().reshape(t.shape[0], -1).to(acc), s.reshape(s.shape[0], -1).to(acc)
-        n = torch.linalg.vector_norm(t, dim=1) * torch.linalg.vector_norm(s, dim=1)
-        total = total + (1 - (t * s).sum(dim=1) / n.clamp_min(EPS)).mean()
-    return scale * total
+    """``scale * sum_j mean_b(1 - cos(t_jb, s_jb))`` in plain PyTorch, differentiable in ``student``: the formula
+    itself, which the ``torch`` backend of :func:`askd.losses.attention_distill_loss` runs."""
+    return scale * torch.stack([cosine_distance(t, s) for t, s in zip(teacher, student, strict=True)]).sum()
 
 
 def cosine_distill_forward_ref(teacher: list[Tensor], student: list[Tensor], scale: float) -> tuple[Tensor, Tensor]:
@@ -76,7 +79,7 @@ def cosine_distill_backward_ref(
     return out
 
 
-class _Reference:
+class _Torch:
     forward = staticmethod(cosine_distill_forward_ref)
     backward = staticmethod(cosine_distill_backward_ref)
 
@@ -95,14 +98,15 @@ class _Ext:
         return torch.ops.askd.cosine_distill_forward_grad(*args)
 
 
-def _impl(backend: str):
-    if backend == "reference":
-        return _Reference
+def backend_impl(backend: str):
+    """The module (or class) with ``forward`` / ``backward`` of the contract for ``backend``."""
+    if backend == "torch":
+        return _Torch
     if backend == "ext":
         return _Ext
     if backend == "triton":
         return importlib.import_module("askd.kernels.cosine_distill")
-    raise ValueError(f"fused distillation loss has no backend {backend!r}; expected triton, ext or reference")
+    raise ValueError(f"fused distillation loss has no backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
 def grads_in_forward(backend: str, device: torch.device) -> bool:
@@ -115,7 +119,7 @@ def _forward(
     teacher: list[Tensor], student: list[Tensor], scale: float, backend: str, with_grad: bool
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The body of ``askd::fused_cosine_distill`` (see there), callable without the custom-op wrapper."""
-    impl = _impl(backend)
+    impl = backend_impl(backend)
     if with_grad and grads_in_forward(backend, student[0].device):
         loss, stats, dstudent = impl.forward_grad(teacher, student, scale)
         return loss, stats, list(dstudent)
@@ -151,7 +155,7 @@ def fused_cosine_distill_backward(
     grad: Tensor, teacher: list[Tensor], student: list[Tensor], stats: Tensor, scale: float, backend: str
 ) -> list[Tensor]:
     """Fused loss backward through ``backend``: one gradient per student map."""
-    return list(_impl(backend).backward(grad, teacher, student, stats, scale))
+    return list(backend_impl(backend).backward(grad, teacher, student, stats, scale))
 
 
 def _fake_backward(grad, teacher, student, stats, scale):
@@ -170,7 +174,7 @@ if _ext.load() is not None and hasattr(torch.ops.askd, "cosine_distill_forward")
 def _run_forward(teacher, student, scale, backend, with_grad):
     # ext calls its compiled ops directly: they are registered ops with fake kernels already, and the Python
     # custom-op wrapper around them cost a quarter of the CPU kernel's time with ~100 tensors. The Python
-    # backends (triton, reference) need the custom op so that torch.compile sees one opaque node.
+    # backends (triton, torch) need the custom op so that torch.compile sees one opaque node.
     if backend == "ext":
         return _forward(teacher, student, scale, backend, with_grad)
     return fused_cosine_distill(teacher, student, scale, backend, with_grad)
@@ -212,7 +216,7 @@ class _CosineDistill(torch.autograd.Function):
 def cosine_distill(
     teacher: list[Tensor], student: list[Tensor], scale: float, backend: str, checked: bool = False
 ) -> Tensor:
-    """The fused loss through ``backend`` (``triton``, ``ext`` or ``reference``): a 0-dim acc tensor.
+    """The fused loss through ``backend`` (``triton``, ``ext`` or ``torch``): a 0-dim acc tensor.
 
     Maps of mixed dtypes are first cast to one (the promotion of all of them); teacher maps get no gradient.
     ``checked=True`` skips :func:`check_maps` for a caller that has validated the maps already.
@@ -229,27 +233,29 @@ def cosine_distill(
     return _CosineDistill.apply(float(scale), backend, teacher, *student)
 
 
-def check_maps(teacher: list[Tensor], student: list[Tensor]) -> None:
+def check_maps(teacher: list[Tensor], student: list[Tensor], names: list[str] | None = None) -> None:
     """Raise a ValueError naming the map and what was wrong (count, shape, batch, dtype, device).
 
-    An empty batch (B = 0) raises too: the loss is a mean over the batch, undefined for none, and a clear error
-    beats the NaN (or, in PyTorch, the reshape error) it would otherwise give.
+    ``names`` label the maps in the messages (default ``map j``). An empty batch (B = 0) raises too: the loss is
+    a mean over the batch, undefined for none, and a clear error beats the NaN (or, in PyTorch, the reshape
+    error) it would otherwise give.
     """
     if len(teacher) != len(student) or not student:
         raise ValueError(
-            f"fused loss: need as many teacher as student maps (> 0), got {len(teacher)} and {len(student)}"
+            f"distillation loss: need as many teacher as student maps (> 0), got {len(teacher)} and {len(student)}"
         )
+    names = names or [f"map {j}" for j in range(len(student))]
     batch, device = student[0].shape[0] if student[0].dim() else None, student[0].device
     check_batch(batch)
-    for j, (t, s) in enumerate(zip(teacher, student, strict=True)):
+    for name, t, s in zip(names, teacher, student, strict=True):
         if t.shape != s.shape:
-            raise ValueError(f"fused loss: map {j}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
+            raise ValueError(f"{name}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
         if s.dim() < 2 or s.shape[0] != batch:
-            raise ValueError(f"fused loss: map {j}: expected shape (B={batch}, ...), got {tuple(s.shape)}")
+            raise ValueError(f"{name}: expected shape (B={batch}, ...), got {tuple(s.shape)}")
         if t.device != device or s.device != device:
-            raise ValueError(f"fused loss: map {j}: teacher on {t.device}, student on {s.device}, expected {device}")
+            raise ValueError(f"{name}: teacher on {t.device}, student on {s.device}, expected {device}")
         if not (t.is_floating_point() and s.is_floating_point()):
-            raise ValueError(f"fused loss: map {j}: maps must be floating point, got {t.dtype} and {s.dtype}")
+            raise ValueError(f"{name}: maps must be floating point, got {t.dtype} and {s.dtype}")
 
 
 def check_batch(batch: int | None) -> None:

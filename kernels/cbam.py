@@ -91,6 +91,9 @@ def _cbam_spatial_pool_kernel(
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """Pass 3, per (b,p), xc = x * g_c: pooled[b,0,p] = mean_c xc, pooled[b,1,p] = max_c xc, idx_s = argmax."""
+    # Pass 1 transposed, written out on purpose: the same running mean / max / first argmax, but over C with
+    # [BLOCK_C, BLOCK_P] tiles reduced along axis 0 and x scaled by g_c as it loads. One kernel for both would
+    # need the reduced axis, the masks and the scaling as constexpr branches, harder to read than the two.
     b = tl.program_id(0).to(tl.int64)
     ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = ps < P

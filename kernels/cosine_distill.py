@@ -48,16 +48,22 @@ def _map_row(table_ptr, field, j, b, d, M, DT: tl.constexpr):
 
 
 @triton.jit
+def _pair_rows(table_ptr, ADDRS: tl.constexpr, M, DT: tl.constexpr):
+    """This program's (b, j): b, j, D_j (column ADDRS of the table, after its ADDRS address columns) and the
+    typed pointers to row b of teacher and student map j."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    d = tl.load(table_ptr + ADDRS * M + j)
+    return b, j, d, _map_row(table_ptr, 0, j, b, d, M, DT), _map_row(table_ptr, 1, j, b, d, M, DT)
+
+
+@triton.jit
 def _cosine_distill_fwd_kernel(
     table_ptr, stats_ptr, loss_ptr, count_ptr, B, M,
     DT: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_LOSS: tl.constexpr,
 ):  # fmt: skip
     """table: teacher addresses (M), student addresses (M), D (M), scale. -> stats (M,B,3), then loss ()."""
-    b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    d = tl.load(table_ptr + 2 * M + j)
-    t_ptr = _map_row(table_ptr, 0, j, b, d, M, DT)
-    s_ptr = _map_row(table_ptr, 1, j, b, d, M, DT)
+    b, j, d, t_ptr, s_ptr = _pair_rows(table_ptr, 2, M, DT)
     dot = tl.zeros([BLOCK], ACC)
     tt = tl.zeros([BLOCK], ACC)
     ss = tl.zeros([BLOCK], ACC)
@@ -102,11 +108,7 @@ def _cosine_distill_bwd_kernel(
     DT: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """table: teacher, student, d student addresses (M each), D (M), scale. -> row b of d student map j."""
-    b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    d = tl.load(table_ptr + 3 * M + j)
-    t_ptr = _map_row(table_ptr, 0, j, b, d, M, DT)
-    s_ptr = _map_row(table_ptr, 1, j, b, d, M, DT)
+    b, j, d, t_ptr, s_ptr = _pair_rows(table_ptr, 3, M, DT)
     ds_ptr = _map_row(table_ptr, 2, j, b, d, M, DT)
     scale = tl.load(table_ptr + 4 * M).to(tl.float64, bitcast=True).to(ACC)
     row = stats_ptr + (j * B + b) * 3

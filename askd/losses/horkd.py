@@ -30,13 +30,13 @@ import torch.nn.functional as F
 
 from .checks import check_pair, compute_dtype
 from .registry import Method, Outputs, register
-from .rkd import EPS, rkd_angle, rkd_distance
+from .rkd import MIN_SQ_DIST, rkd_angle, rkd_distance
 
 
 def centre_distances(e: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """(B,E), (C,E) -> (B,C) Euclidean distances, the squares clamped at 1e-12 as RKD's."""
     sq = e.pow(2).sum(1)[:, None] + centres.pow(2).sum(1)[None, :] - 2 * e @ centres.T
-    return sq.clamp_min(EPS).sqrt()
+    return sq.clamp_min(MIN_SQ_DIST).sqrt()
 
 
 def centre_term(teacher_emb: torch.Tensor, student_emb: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from .checks import check_pair, compute_dtype
 from .registry import Method, Outputs, register
 
-EPS = 1e-12  # the squared distances' floor: sqrt stays differentiable, duplicate samples give no NaN
+MIN_SQ_DIST = 1e-12  # the squared distances' floor: sqrt stays differentiable, duplicate samples give no NaN
 
 
 def pairwise_distances(e: torch.Tensor) -> torch.Tensor:
     """(B,E) -> (B,B) Euclidean distances between the rows, clamped as in the module docstring."""
     sq = e.pow(2).sum(1)
-    d = (sq[:, None] + sq[None, :] - 2 * e @ e.T).clamp_min(EPS).sqrt()
+    d = (sq[:, None] + sq[None, :] - 2 * e @ e.T).clamp_min(MIN_SQ_DIST).sqrt()
     return d * (1 - torch.eye(len(e), dtype=d.dtype, device=d.device))
 
 

@@ -46,17 +46,17 @@ it, and the tests check every backend against it.
 from __future__ import annotations
 
 import contextlib
-import importlib
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _ext
 from ..numerics import acc_dtype, cbam_mlp, cbam_mlp_backward, memory_format
+from . import dispatch
+from .dispatch import compiled_ops
 
 Outputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-BACKENDS = ("triton", "ext", "torch")
 
 
 def cbam_ref(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -126,30 +126,13 @@ def cbam_backward_ref(
     return dx, dw1.to(w1.dtype), dw2.to(w2.dtype), dws[0].to(ws.dtype)
 
 
-class _Torch:
-    forward = staticmethod(cbam_forward_ref)
-    backward = staticmethod(cbam_backward_ref)
-
-
-class _Ext:
-    @staticmethod
-    def forward(*args):
-        return torch.ops.askd.cbam_forward(*args)
-
-    @staticmethod
-    def backward(*args):
-        return torch.ops.askd.cbam_backward(*args)
+_TORCH = SimpleNamespace(forward=cbam_forward_ref, backward=cbam_backward_ref)
+_EXT = compiled_ops("cbam")
 
 
 def backend_impl(backend: str):
-    """The module (or class) with ``forward`` / ``backward`` of the contract for ``backend``."""
-    if backend == "torch":
-        return _Torch
-    if backend == "ext":
-        return _Ext
-    if backend == "triton":
-        return importlib.import_module("askd.kernels.cbam")
-    raise ValueError(f"fused CBAM has no backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    """The namespace (or module) with ``forward`` / ``backward`` of the contract for ``backend``."""
+    return dispatch.backend_impl("cbam", backend, _TORCH, _EXT)
 
 
 def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
@@ -200,7 +183,7 @@ def _fake_backward(dy, da_c, da_s, x, w1, w2, ws, *saved):
 
 fused_cbam.register_fake(lambda *args: _fake_forward(*args[:-1]))
 fused_cbam_backward.register_fake(lambda *args: _fake_backward(*args[:-1]))
-if _ext.load() is not None and hasattr(torch.ops.askd, "cbam_forward"):
+if hasattr(_EXT, "forward"):
     # the compiled ops' fakes, so torch.compile and opcheck can trace them
     torch.library.register_fake("askd::cbam_forward")(_fake_forward)
     torch.library.register_fake("askd::cbam_backward")(_fake_backward)
@@ -208,13 +191,13 @@ if _ext.load() is not None and hasattr(torch.ops.askd, "cbam_forward"):
 
 def _run_forward(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor, backend: str) -> Outputs:
     if backend == "ext":
-        return _Ext.forward(x, w1, w2, ws)
+        return _EXT.forward(x, w1, w2, ws)
     return fused_cbam(x, w1, w2, ws, backend)
 
 
 def _run_backward(*args: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if backend == "ext":
-        return _Ext.backward(*args)
+        return _EXT.backward(*args)
     return fused_cbam_backward(*args, backend)
 
 

@@ -24,15 +24,14 @@ row's dot and norms NaN, so its loss term and its whole gradient row are NaN, as
 from __future__ import annotations
 
 import functools
-import importlib
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
-from .. import _ext
 from ..numerics import EPS, acc_dtype
-
-BACKENDS = ("triton", "ext", "torch")
+from . import dispatch
+from .dispatch import compiled_ops
 
 
 def cosine_distance(t: Tensor, s: Tensor, eps: float = EPS) -> Tensor:
@@ -79,34 +78,13 @@ def cosine_distill_backward_ref(
     return out
 
 
-class _Torch:
-    forward = staticmethod(cosine_distill_forward_ref)
-    backward = staticmethod(cosine_distill_backward_ref)
-
-
-class _Ext:
-    @staticmethod
-    def forward(*args):
-        return torch.ops.askd.cosine_distill_forward(*args)
-
-    @staticmethod
-    def backward(*args):
-        return torch.ops.askd.cosine_distill_backward(*args)
-
-    @staticmethod
-    def forward_grad(*args):
-        return torch.ops.askd.cosine_distill_forward_grad(*args)
+_TORCH = SimpleNamespace(forward=cosine_distill_forward_ref, backward=cosine_distill_backward_ref)
+_EXT = compiled_ops("cosine_distill")
 
 
 def backend_impl(backend: str):
-    """The module (or class) with ``forward`` / ``backward`` of the contract for ``backend``."""
-    if backend == "torch":
-        return _Torch
-    if backend == "ext":
-        return _Ext
-    if backend == "triton":
-        return importlib.import_module("askd.kernels.cosine_distill")
-    raise ValueError(f"fused distillation loss has no backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    """The namespace (or module) with ``forward`` / ``backward`` of the contract for ``backend``."""
+    return dispatch.backend_impl("cosine_distill", backend, _TORCH, _EXT)
 
 
 def grads_in_forward(backend: str, device: torch.device) -> bool:
@@ -163,7 +141,7 @@ def _fake_backward(grad, teacher, student, stats, scale):
 
 
 fused_cosine_distill_backward.register_fake(lambda *args: _fake_backward(*args[:-1]))
-if _ext.load() is not None and hasattr(torch.ops.askd, "cosine_distill_forward"):
+if hasattr(_EXT, "forward"):
     torch.library.register_fake("askd::cosine_distill_forward")(_fake_forward)
     torch.library.register_fake("askd::cosine_distill_backward")(_fake_backward)
     torch.library.register_fake("askd::cosine_distill_forward_grad")(
@@ -182,7 +160,7 @@ def _run_forward(teacher, student, scale, backend, with_grad):
 
 def _run_backward(grad, teacher, student, stats, scale, backend):
     if backend == "ext":
-        return _Ext.backward(grad, teacher, student, stats, scale)
+        return _EXT.backward(grad, teacher, student, stats, scale)
     return fused_cosine_distill_backward(grad, teacher, student, stats, scale, backend)
 
 

@@ -38,7 +38,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_ext_cuda.py tests/test_trito
 tail -n 25 "$out/gpu-tests.log"
 
 name=$(python3 -c "import torch; print('gpu-' + torch.cuda.get_device_name().lower().replace('nvidia', '').strip().replace(' ', '-'))")
-files=(bench/test_cbam.py bench/test_loss.py)
+files=(bench/test_cbam.py bench/test_cosine_distill.py)
 if [ "${ASKD_GPU_TRAIN_STEP:-0}" = 1 ]; then files+=(bench/test_train_step.py); fi
 stage "benchmarks: ${files[*]}"
 python3 -m pytest -q -p no:cacheprovider "${files[@]}" --benchmark-only --benchmark-json="$out/$name.json" \

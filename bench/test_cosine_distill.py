@@ -23,7 +23,7 @@ def ir50_maps(requires_grad: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_loss(benchmark, impl):
+def test_cosine_distill(benchmark, impl):
     reason = skip_reason(impl)
     if reason:
         pytest.skip(reason)

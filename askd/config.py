@@ -1,7 +1,8 @@
 """The one training configuration: a flat dataclass with commented defaults, TOML files and overrides.
 
 Precedence: defaults < ``--config FILE.toml`` < command-line flags < ``--set key=value``. Unknown keys
-and values of the wrong type are errors. The defaults are the CPU demo (tiny model, embedded synthetic
+and values of the wrong type are errors; the old names of renamed keys (:data:`RENAMED_KEYS`) still work,
+with a DeprecationWarning. The defaults are the CPU demo (tiny model, embedded synthetic
 faces, minutes on a laptop); ``configs/official_ir50.toml`` holds the paper's full recipe. ``--config`` also
 takes a preset name (``official_ir50``, ``paper_ir50``): a file of ``configs/``, shipped in the package as
 ``askd/configs/``.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -42,15 +44,15 @@ class Config:
     eval_bins: str = ""  # comma list of verification .bin files to evaluate on (default: a pack's own *.bin)
     eval_every: int = 0  # also verify the model in training every N steps when > 0 (metrics.jsonl "eval")
     scale: int = 8  # LR down-sampling factor: 2 | 4 | 8 (112 -> 56 | 28 | 14 px)
-    lr_size: int = 0  # LR side in px; overrides scale when > 0
+    low_res_size: int = 0  # LR side in px; overrides scale when > 0
     workers: int = 0  # DataLoader worker processes (image folders)
     # --- method ---
-    stage: str = "all"  # teacher | student | all
+    phases: str = "all"  # which phases run: teacher | student | all
     # comma list of students, one per method: a name of askd.losses (python -m askd.train --help lists them),
     # or names joined by "+" whose loss terms add up (askd+kd; alias askd_kd)
     method: str = "base,askd"
     teacher: str = ""  # teacher checkpoint to reuse (skips teacher training)
-    # HORKD's two-stage transfer: teacher (HR) -> assistant of this arch (HR, the same method) -> student (LR,
+    # HORKD's two-step transfer: teacher (HR) -> assistant of this arch (HR, the same method) -> student (LR,
     # the assistant's arch); "" trains every student directly against the teacher in the teacher's arch
     assistant: str = ""
     arcface_s: float = 32.0
@@ -89,9 +91,9 @@ class Config:
     checkpoint_every: int = 0  # steps between checkpoints when > 0 (always at each epoch end)
     resume: bool = False  # continue from the run folder's checkpoints
 
-    def lr_side(self) -> int:
-        """The LR image side in px."""
-        return self.lr_size if self.lr_size > 0 else 112 // self.scale
+    def low_res_side(self) -> int:
+        """The LR (low-resolution) image side in px."""
+        return self.low_res_size if self.low_res_size > 0 else 112 // self.scale
 
     def methods(self) -> list[str]:
         """The students' method specs as given (see :func:`askd.losses.registry.canonical`)."""
@@ -101,12 +103,25 @@ class Config:
         """--fused: backend ``auto`` for every CBAM and the loss; otherwise None ($ASKD_BACKEND, else torch)."""
         return "auto" if self.fused else None
 
+    def __getattr__(self, name: str) -> Any:
+        """The old names of renamed keys and of :meth:`low_res_side`, with a DeprecationWarning."""
+        if name not in RENAMED_ATTRS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        new = RENAMED_ATTRS[name]
+        warnings.warn(f"Config.{name} is deprecated; use Config.{new}", DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+
+# keys renamed so that "stage" names only an IR-ResNet stage and "lr" only the learning rate: old key -> new key.
+# Files and --set may still give the old key (with a DeprecationWarning); run folders of older versions hold them.
+RENAMED_KEYS = {"stage": "phases", "lr_size": "low_res_size"}
+RENAMED_ATTRS = {**RENAMED_KEYS, "lr_side": "low_res_side"}
 
 CHOICES = {
     "arch": tuple(sorted(ARCHS)),
     "variant": tuple(VARIANTS),
     "eval_protocol": ("insightface", "askd"),
-    "stage": ("teacher", "student", "all"),
+    "phases": ("teacher", "student", "all"),
     "amp": ("bf16", "fp16", "off"),
     "scale": (2, 4, 8),
 }
@@ -139,11 +154,25 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"config key {key!r}: expected {kind.__name__}, got {value!r}") from None
 
 
+def renamed(updates: dict[str, Any], source: str) -> dict[str, Any]:
+    """``updates`` with old key names (:data:`RENAMED_KEYS`) replaced by the new ones, each with a
+    DeprecationWarning naming ``source``; a key given under both names raises ConfigError."""
+    out = dict(updates)
+    for old, new in RENAMED_KEYS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{source}: config key {old!r} is the old name of {new!r}; give only {new!r}")
+        warnings.warn(f"{source}: config key {old!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
+
+
 def apply(cfg: Config, updates: dict[str, Any], source: str) -> Config:
     """Return ``cfg`` with ``updates`` applied; unknown keys raise ConfigError naming ``source``."""
     fields = _fields()
     changes = {}
-    for key, value in updates.items():
+    for key, value in renamed(updates, source).items():
         if key not in fields:
             raise ConfigError(f"{source}: unknown config key {key!r}; known keys: {', '.join(sorted(fields))}")
         changes[key] = _coerce(key, value, getattr(cfg, key))
@@ -208,8 +237,10 @@ def validate(cfg: Config) -> Config:
     check_methods(cfg)
     if cfg.assistant and cfg.assistant not in ARCHS:
         raise ConfigError(f"config key 'assistant': got {cfg.assistant!r}, expected '' or one of {sorted(ARCHS)}")
-    if not 2 < cfg.lr_side() <= 112:
-        raise ConfigError(f"config key 'lr_size': got {cfg.lr_size}, expected 3..112 px (or 0 to use scale)")
+    if not 2 < cfg.low_res_side() <= 112:
+        raise ConfigError(
+            f"config key 'low_res_size': got {cfg.low_res_size}, expected 3..112 px (or 0 to use scale)"
+        )
     positive = ("epochs", "batch_size", "embedding_size", "synthetic_identities", "synthetic_samples", "eval_pairs")
     for key in positive:
         if getattr(cfg, key) < 1:

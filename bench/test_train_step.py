@@ -32,7 +32,7 @@ import torch
 
 from askd.config import Config
 from askd.losses import build
-from askd.train import Stage, Trainer, build_model, freeze, random_flips, teacher_forward, to_input
+from askd.train import Phase, Trainer, build_model, freeze, random_flips, teacher_forward, to_input
 
 from .conftest import DEVICE, amp_dtype, profile_call, sync, warm_up
 
@@ -65,8 +65,8 @@ def make_step(setup: str):
     teacher, teacher_head = freeze(*build_model(cfg, ARCH, CLASSES, device))
     if SETUPS[setup][3]:
         teacher = teacher_forward(cfg, teacher)
-    stage = Stage("student", build("askd", cfg, CLASSES), ARCH, teacher, teacher_head)
-    trainer = Trainer.create(cfg, stage, CLASSES, 1000, device)
+    phase = Phase("student", build("askd", cfg, CLASSES), ARCH, teacher, teacher_head)
+    trainer = Trainer.create(cfg, phase, CLASSES, 1000, device)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (BATCH, 3, 112, 112), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, CLASSES, (BATCH,), generator=g).to(device)

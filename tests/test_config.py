@@ -1,7 +1,9 @@
-"""The training config: defaults, TOML files, presets, flags and --set overrides, their errors, the LR schedule."""
+"""The training config: defaults, TOML files, presets, flags and --set overrides, their errors, the old names of
+renamed keys, the learning-rate schedule."""
 
 import subprocess
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -15,7 +17,7 @@ def test_defaults_are_valid_and_the_cpu_demo():
     cfg = parse_args([])
     assert cfg == Config()
     assert (cfg.arch, cfg.variant, cfg.data, cfg.method) == ("ir_tiny_cbam", "official", "synthetic", "base,askd")
-    assert cfg.lr_side() == 14
+    assert cfg.low_res_side() == 14
 
 
 def test_set_overrides_are_typed():
@@ -40,7 +42,7 @@ def test_set_overrides_are_typed():
             (["--assistant", "ir7"], "'assistant': got 'ir7'"),
             (["--method", "horkd,askd_sa", "--assistant", "ir18_cbam"], "askd_sa compares maps block by block"),
         (["--amp", "fp8"], "'amp': got 'fp8'"),
-        (["--set", "lr_size=2"], "'lr_size': got 2"),
+        (["--set", "low_res_size=2"], "'low_res_size': got 2"),
         (["--set", "milestones=[0.5, 1.5]"], "'milestones'"),
     ],
 )
@@ -48,6 +50,41 @@ def test_bad_overrides_name_the_key(args, needle):
     with pytest.raises(ConfigError) as e:
         parse_args(args)
     assert needle in str(e.value)
+
+
+def test_renamed_keys_and_their_flags():
+    """``phases`` and ``low_res_size`` were ``stage`` and ``lr_size``: the flags keep both spellings, silently."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for argv in (["--phases", "teacher", "--low-res-size", "20"], ["--stage", "teacher", "--lr-size", "20"]):
+            cfg = parse_args(argv)
+            assert (cfg.phases, cfg.low_res_size, cfg.low_res_side()) == ("teacher", 20, 20)
+    assert "phases = " in to_toml(cfg) and "stage" not in to_toml(cfg) and "lr_size" not in to_toml(cfg)
+
+
+def test_old_key_names_warn_and_still_work(tmp_path):
+    old = tmp_path / "old.toml"
+    old.write_text('stage = "student"\nlr_size = 28\n')  # a config.toml of an older version
+    deprecated = ["config key 'stage' is deprecated; use 'phases'",
+                  "config key 'lr_size' is deprecated; use 'low_res_size'"]
+    with pytest.warns(DeprecationWarning) as caught:
+        cfg = parse_args(["--config", str(old)])
+    assert [str(w.message) for w in caught] == [f"{old}: {message}" for message in deprecated]
+    assert (cfg.phases, cfg.low_res_size) == ("student", 28)
+    with pytest.warns(DeprecationWarning) as caught:
+        cfg = parse_args(["--set", "lr_size=20", "--set", "stage=teacher"])
+    assert [str(w.message) for w in caught] == [f"--set: {message}" for message in deprecated]
+    assert (cfg.phases, cfg.low_res_size) == ("teacher", 20)
+    with pytest.warns(DeprecationWarning, match="'stage'"), pytest.raises(ConfigError, match="'phases': got 'both'"):
+        parse_args(["--set", "stage=both"])
+    with pytest.raises(ConfigError, match="'stage' is the old name of 'phases'; give only 'phases'"):
+        parse_args(["--set", "stage=teacher", "--set", "phases=student"])
+    with pytest.warns(DeprecationWarning, match=r"Config.lr_side is deprecated; use Config.low_res_side"):
+        assert cfg.lr_side() == 20
+    with pytest.warns(DeprecationWarning, match=r"Config.stage is deprecated; use Config.phases"):
+        assert cfg.stage == "teacher"
+    with pytest.raises(AttributeError, match="no attribute 'stages'"):
+        cfg.stages  # noqa: B018
 
 
 def test_precedence_file_then_flags_then_set(tmp_path):

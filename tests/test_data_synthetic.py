@@ -70,7 +70,7 @@ def test_identities_differ_more_than_samples_of_one_identity(faces):
     assert torch.stack(between).mean() > 1.1 * torch.stack(within).mean()
 
 
-def _lr(x: torch.Tensor, variant: str) -> torch.Tensor:
+def _low_res(x: torch.Tensor, variant: str) -> torch.Tensor:
     """degrade() on 0..255 float images, back in 0..255."""
     return degrade(x / 127.5 - 1, 14, variant) * 127.5 + 127.5
 
@@ -88,15 +88,15 @@ def test_fine_marks_are_lost_at_8x(faces):
     fine, coarse = (xa - pa) - (xb - pb), pa - pb
     assert fine.pow(2).mean().sqrt() > 2  # the marks are there at 112 px
 
-    def retained(hr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-        return ((hr * lr).sum((1, 2, 3)) / (hr * hr).sum((1, 2, 3))).mean()
+    def retained(hr: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
+        return ((hr * low_res).sum((1, 2, 3)) / (hr * hr).sum((1, 2, 3))).mean()
 
-    lr_fine = (_lr(xa, "paper") - _lr(pa, "paper")) - (_lr(xb, "paper") - _lr(pb, "paper"))
-    assert lr_fine.pow(2).sum() < 0.15 * fine.pow(2).sum()
+    low_res_fine = (_low_res(xa, "paper") - _low_res(pa, "paper")) - (_low_res(xb, "paper") - _low_res(pb, "paper"))
+    assert low_res_fine.pow(2).sum() < 0.15 * fine.pow(2).sum()
     for variant in ("official", "paper"):
-        lr_fine = (_lr(xa, variant) - _lr(pa, variant)) - (_lr(xb, variant) - _lr(pb, variant))
-        assert retained(fine, lr_fine) < 0.3, variant
-        assert retained(coarse, _lr(pa, variant) - _lr(pb, variant)) > 0.6, variant
+        low_res_fine = (_low_res(xa, variant) - _low_res(pa, variant)) - (_low_res(xb, variant) - _low_res(pb, variant))
+        assert retained(fine, low_res_fine) < 0.3, variant
+        assert retained(coarse, _low_res(pa, variant) - _low_res(pb, variant)) > 0.6, variant
 
 
 def test_detail_false_changes_only_the_marks(faces):

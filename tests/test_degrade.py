@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from askd.data import degrade, lr_size
+import askd.data
+from askd.data import degrade, low_res_size
 from askd.data.degrade import gaussian_kernel1d
 
 SIZES = (56, 28, 14)
@@ -174,8 +175,8 @@ def test_paper_reference_pipeline(size):
     """bicubic-antialias down, 5x5 Gaussian sigma 0.75 (reflect) at LR, bicubic up, clamp per image."""
     torch.manual_seed(4)
     x = torch.rand(2, 3, 112, 112, dtype=torch.float64) * 2 - 1
-    lr = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    up = F.interpolate(blur_reference(lr, 0.75, 0.75), size=(112, 112), mode="bicubic", align_corners=False)
+    low_res = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    up = F.interpolate(blur_reference(low_res, 0.75, 0.75), size=(112, 112), mode="bicubic", align_corners=False)
     lo = x.amin(dim=(1, 2, 3)).view(2, 1, 1, 1)
     hi = x.amax(dim=(1, 2, 3)).view(2, 1, 1, 1)
     want = torch.maximum(torch.minimum(up, hi), lo)
@@ -222,11 +223,19 @@ def test_bad_arguments_raise():
         degrade(x, 14, "bicubic")
 
 
-def test_lr_size():
-    assert lr_size(8) == 14
-    assert lr_size(4) == 28
-    assert lr_size(2) == 56
-    assert lr_size(2, size=64) == 32
+def test_low_res_size():
+    assert low_res_size(8) == 14
+    assert low_res_size(4) == 28
+    assert low_res_size(2) == 56
+    assert low_res_size(2, size=64) == 32
     for bad in (3, 1, 16):
         with pytest.raises(ValueError):
-            lr_size(bad)
+            low_res_size(bad)
+
+
+def test_lr_size_is_the_deprecated_name_of_low_res_size():
+    with pytest.warns(DeprecationWarning, match="askd.data.lr_size is deprecated; use askd.data.low_res_size"):
+        from askd.data import lr_size
+    assert lr_size is low_res_size and lr_size(4) == 28
+    with pytest.raises(AttributeError, match="no attribute 'hr_size'"):
+        askd.data.hr_size  # noqa: B018

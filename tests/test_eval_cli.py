@@ -11,6 +11,7 @@ from PIL import Image
 from askd import models
 from askd.data import pack
 from askd.eval.cli import main as eval_main
+from askd.eval.cli import parser, run_low_res_size
 from askd.eval.figures import spatial_maps, stage_last_blocks
 from askd.train import main as train_main
 
@@ -45,7 +46,7 @@ def test_training_on_a_pack_evaluates_on_its_bin(run, tmp_path):
     assert results["pairs"] == {"heldout": 20}
     # evaluating during training takes no random draw: the same steps without it give the same losses
     plain = tmp_path / "plain"
-    assert train_main(["--data", str(dst), "--out", str(plain), "--stage", "teacher", *SMALL]) == 0
+    assert train_main(["--data", str(dst), "--out", str(plain), "--phases", "teacher", *SMALL]) == 0
 
     def losses(run_dir):
         lines = (run_dir / "teacher" / "metrics.jsonl").read_text().splitlines()
@@ -89,6 +90,15 @@ def test_eval_verify_and_attention(run, tmp_path, capsys):
     with Image.open(att / "attention.png") as png:
         assert png.size[0] > 300 and png.size[1] > 300
     assert "mean S" in capsys.readouterr().out
+
+
+def test_a_checkpoints_low_res_size_and_the_flag_spellings():
+    """A checkpoint's config names the LR side low_res_size, lr_size before the rename; --lr-size is --low-res-size."""
+    assert run_low_res_size({"low_res_size": 20, "scale": 8}) == 20
+    assert run_low_res_size({"lr_size": 20, "scale": 8}) == 20  # a checkpoint of an older version
+    assert run_low_res_size({"low_res_size": 0, "scale": 4}) == 28 and run_low_res_size({}) == 14
+    for flag in ("--low-res-size", "--lr-size"):
+        assert parser().parse_args(["verify", "m.pt", "--bin", "x.bin", flag, "20"]).low_res_size == 20
 
 
 def test_eval_errors_are_one_line(tmp_path, capsys):

@@ -15,7 +15,7 @@ from askd import export, models
 from askd.checkpoint import save_atomic
 from askd.config import Config
 from askd.losses import build
-from askd.train import Stage, Trainer, build_model
+from askd.train import Phase, Trainer, build_model
 
 NUM_CLASSES = 10
 SKIP = "optional ONNX export dependency missing; pip install onnx onnxscript onnxruntime"
@@ -39,8 +39,8 @@ def write_checkpoint(path, seed=0):
     opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    stage = Stage("student", build("base", cfg, NUM_CLASSES), cfg.arch)
-    save_atomic(Trainer(cfg, stage, model, head, opt, sched, scaler, NUM_CLASSES).state(epoch=1), path)
+    phase = Phase("student", build("base", cfg, NUM_CLASSES), cfg.arch)
+    save_atomic(Trainer(cfg, phase, model, head, opt, sched, scaler, NUM_CLASSES).state(epoch=1), path)
     return path
 
 

@@ -9,13 +9,14 @@ import pytest
 import torch
 from test_train import SMALL, losses
 
+import askd.train
 from askd import models
 from askd.checkpoint import load
 from askd.config import Config
 from askd.losses import build, registry
 from askd.losses.registry import Method, Outputs, canonical, needs_of, register
 from askd.nn import ArcFace
-from askd.train import Stage, main, step_loss
+from askd.train import Phase, main, step_loss
 
 ALL = ["base", "kd", "at", "at_cos", "fkd", "rkd", "horkd", "askd", "askd_sa", "askd_ca", "askd+kd"]
 TERMS = {  # the loss terms each student logs next to ce
@@ -119,9 +120,9 @@ def test_the_step_computes_what_the_method_needs(spec, stages, teacher_runs):
     student = Recorder(models.create("ir_tiny_cbam", embedding_size=16))
     teacher = Recorder(models.create("ir_tiny_cbam", embedding_size=16).eval()) if teacher_runs else NoTeacher()
     head = ArcFace(16, 5)
-    stage = Stage("student", build(spec, cfg, 5), "ir_tiny_cbam", teacher, head)
+    phase = Phase("student", build(spec, cfg, 5), "ir_tiny_cbam", teacher, head)
     hr, labels = torch.rand(2, 3, 112, 112) * 2 - 1, torch.tensor([1, 3])
-    terms = step_loss(cfg, stage, student, head, hr, labels)
+    terms = step_loss(cfg, phase, student, head, hr, labels)
     assert student.calls == [stages]
     if teacher_runs:
         assert teacher.calls == [stages]
@@ -135,9 +136,18 @@ def test_the_step_computes_what_the_method_needs(spec, stages, teacher_runs):
 
 def test_a_method_that_needs_a_teacher_gets_one():
     with pytest.raises(ValueError, match="needs .* of a teacher"):
-        Stage("student", build("fkd", Config(), 5), "ir_tiny_cbam")
-    with pytest.raises(ValueError, match="stage role"):
-        Stage("pupil", build("base", Config(), 5), "ir_tiny_cbam")
+        Phase("student", build("fkd", Config(), 5), "ir_tiny_cbam")
+    with pytest.raises(ValueError, match="phase role"):
+        Phase("pupil", build("base", Config(), 5), "ir_tiny_cbam")
+
+
+def test_stage_is_the_deprecated_name_of_phase():
+    with pytest.warns(DeprecationWarning, match="askd.train.Stage is deprecated; use askd.train.Phase"):
+        from askd.train import Stage
+    assert Stage is Phase and "Stage" not in askd.train.__all__
+    assert Stage("teacher", build("base", Config(), 5), "ir_tiny_cbam").dirname == "teacher"
+    with pytest.raises(AttributeError, match="no attribute 'Stages'"):
+        askd.train.Stages  # noqa: B018
 
 
 def test_every_method_against_one_teacher(tmp_path):
@@ -150,7 +160,7 @@ def test_every_method_against_one_teacher(tmp_path):
     assert list(results["attention_correlation"]) == ALL
     for method in ALL:
         line = json.loads((out / f"student_{method}" / "metrics.jsonl").read_text().splitlines()[-1])
-        assert set(line) - {"stage", "step", "epoch", "lr", "img_per_s", "loss", "ce", "acc"} == TERMS[method]
+        assert set(line) - {"phase", "step", "epoch", "lr", "img_per_s", "loss", "ce", "acc"} == TERMS[method]
         terms = [line[k] for k in ("ce", *TERMS[method])]
         assert line["loss"] == pytest.approx(sum(terms), rel=1e-5) and all(v >= 0 for v in terms)
         ckpt = load(out / f"student_{method}" / "checkpoint.pt")
@@ -162,9 +172,9 @@ def test_every_method_against_one_teacher(tmp_path):
 def test_weights_come_from_the_config(tmp_path):
     """Twice the weight, twice the logged term, on the same teacher, batch and student initialisation."""
     teacher = tmp_path / "t"
-    assert main([*SMALL, "--stage", "teacher", "--out", str(teacher), "--set", "max_steps=1"]) == 0
+    assert main([*SMALL, "--phases", "teacher", "--out", str(teacher), "--set", "max_steps=1"]) == 0
     ckpt = str(teacher / "teacher" / "checkpoint.pt")
-    common = [*SMALL, "--stage", "student", "--teacher", ckpt, "--method", "fkd,at", "--set", "max_steps=1"]
+    common = [*SMALL, "--phases", "student", "--teacher", ckpt, "--method", "fkd,at", "--set", "max_steps=1"]
     assert main([*common, "--out", str(tmp_path / "a")]) == 0
     assert main([*common, "--out", str(tmp_path / "b"), "--set", "fkd_weight=0.2", "--set", "at_beta=2000"]) == 0
     for method in ("fkd", "at"):
@@ -174,9 +184,9 @@ def test_weights_come_from_the_config(tmp_path):
 
 def test_resumed_horkd_keeps_its_centres(tmp_path):
     teacher = tmp_path / "t"
-    assert main([*SMALL, "--stage", "teacher", "--out", str(teacher), "--set", "max_steps=2"]) == 0
+    assert main([*SMALL, "--phases", "teacher", "--out", str(teacher), "--set", "max_steps=2"]) == 0
     ckpt = str(teacher / "teacher" / "checkpoint.pt")
-    common = [*SMALL, "--stage", "student", "--method", "horkd", "--teacher", ckpt]
+    common = [*SMALL, "--phases", "student", "--method", "horkd", "--teacher", ckpt]
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     assert main([*common, "--out", str(straight), "--set", "max_steps=3"]) == 0
     assert main([*common, "--out", str(cut), "--set", "max_steps=2"]) == 0

@@ -24,19 +24,19 @@ SMALL = [
 ]
 
 
-def losses(run_dir, stage):
-    rows = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+def losses(run_dir, phase):
+    rows = [json.loads(line) for line in (run_dir / phase / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows}
 
 
 def test_two_steps_train_checkpoint_and_resume_to_the_same_loss(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    argv = [*SMALL, "--stage", "teacher"]
+    argv = [*SMALL, "--phases", "teacher"]
     assert main([*argv, "--out", str(straight), "--set", "max_steps=3"]) == 0
     assert main([*argv, "--out", str(resumed), "--set", "max_steps=2"]) == 0
     # as if the run had logged step 3 and died before its next checkpoint
     log = resumed / "teacher" / "metrics.jsonl"
-    log.write_text(log.read_text() + json.dumps({"stage": "teacher", "step": 3, "loss": -1.0}) + "\n")
+    log.write_text(log.read_text() + json.dumps({"phase": "teacher", "step": 3, "loss": -1.0}) + "\n")
     # the resume names only the run folder: the rest comes from its config.toml
     assert main(["--out", str(resumed), "--set", "max_steps=3", "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
@@ -57,11 +57,33 @@ def test_two_steps_train_checkpoint_and_resume_to_the_same_loss(tmp_path):
     assert (straight / "config.toml").read_text().count("max_steps = 3") == 1
 
 
+def test_resume_of_a_run_folder_of_an_older_version(tmp_path):
+    """Before the renames, config.toml had the keys stage and lr_size and metrics.jsonl lines named a "stage"."""
+    out = tmp_path / "old"
+    assert main([*SMALL, "--phases", "teacher", "--out", str(out), "--set", "max_steps=2"]) == 0
+    config, log = out / "config.toml", out / "teacher" / "metrics.jsonl"
+    config.write_text(config.read_text().replace("\nphases =", "\nstage =").replace("\nlow_res_size =", "\nlr_size ="))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    old = [{("stage" if k == "phase" else k): v for k, v in row.items()} for row in rows]
+    old.append({"stage": "teacher", "step": 3, "loss": -1.0})  # logged after the last checkpoint
+    log.write_text("".join(json.dumps(row) + "\n" for row in old))
+    with pytest.warns(DeprecationWarning) as caught:
+        assert main(["--out", str(out), "--set", "max_steps=3", "--resume"]) == 0
+    assert [str(w.message) for w in caught if "config key" in str(w.message)] == [
+        f"{config}: config key 'stage' is deprecated; use 'phases'",
+        f"{config}: config key 'lr_size' is deprecated; use 'low_res_size'",
+    ]
+    resumed = [json.loads(line) for line in log.read_text().splitlines()]
+    assert resumed[:2] == rows and [row["step"] for row in resumed] == [1, 2, 3]
+    assert all(row["phase"] == "teacher" and "stage" not in row for row in resumed)
+    assert "\nphases = " in config.read_text() and "\nstage =" not in config.read_text()
+
+
 def test_students_against_a_reused_teacher_and_results(tmp_path):
     teacher_run = tmp_path / "t"
-    assert main([*SMALL, "--stage", "teacher", "--out", str(teacher_run), "--set", "max_steps=2"]) == 0
+    assert main([*SMALL, "--phases", "teacher", "--out", str(teacher_run), "--set", "max_steps=2"]) == 0
     out = tmp_path / "s"
-    argv = [*SMALL, "--stage", "student", "--method", "base,askd_kd", "--out", str(out), "--set", "max_steps=2",
+    argv = [*SMALL, "--phases", "student", "--method", "base,askd_kd", "--out", str(out), "--set", "max_steps=2",
             "--teacher", str(teacher_run / "teacher" / "checkpoint.pt")]
     assert main(argv) == 0
     # the alias askd_kd is the composition askd+kd: its folder, term names and table row say so
@@ -117,7 +139,7 @@ def test_teacher_of_another_architecture(tmp_path, capsys):
     fake = tmp_path / "teacher.pt"
     save_atomic({"model": {}, "head": {}, "arch": "ir18_cbam", "variant": "official", "embedding_size": 512,
                  "num_classes": 10}, fake)
-    err = run_error([*SMALL, "--stage", "student", "--teacher", str(fake), "--out", str(tmp_path / "o")], capsys)
+    err = run_error([*SMALL, "--phases", "student", "--teacher", str(fake), "--out", str(tmp_path / "o")], capsys)
     assert "ir18_cbam" in err and "ir_tiny_cbam" in err
     assert not (tmp_path / "o").exists()
 
@@ -125,19 +147,19 @@ def test_teacher_of_another_architecture(tmp_path, capsys):
 def test_corrupt_and_missing_teacher(tmp_path, capsys):
     corrupt = tmp_path / "teacher.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    err = run_error([*SMALL, "--stage", "student", "--teacher", str(corrupt), "--out", str(tmp_path / "o")], capsys)
+    err = run_error([*SMALL, "--phases", "student", "--teacher", str(corrupt), "--out", str(tmp_path / "o")], capsys)
     assert "cannot read checkpoint" in err and str(corrupt) in err
-    err = run_error([*SMALL, "--stage", "student", "--out", str(tmp_path / "o2")], capsys)
+    err = run_error([*SMALL, "--phases", "student", "--out", str(tmp_path / "o2")], capsys)
     assert "needs a teacher" in err
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_autocast_and_channels_last_steps_stay_finite(tmp_path, amp):
     fast = [*SMALL, "--amp", amp, "--channels-last", "--out", str(tmp_path)]
-    assert main([*fast, "--stage", "teacher", "--set", "max_steps=1"]) == 0
+    assert main([*fast, "--phases", "teacher", "--set", "max_steps=1"]) == 0
     teacher = str(tmp_path / "teacher" / "checkpoint.pt")
     # students into the teacher's own run folder continue that run: --resume
-    student = ["--stage", "student", "--method", "askd", "--teacher", teacher, "--set", "max_steps=2", "--resume"]
+    student = ["--phases", "student", "--method", "askd", "--teacher", teacher, "--set", "max_steps=2", "--resume"]
     assert main([*fast, *student]) == 0
     rows = losses(tmp_path, "student_askd")
     assert set(rows) == {1, 2} and all(torch.isfinite(torch.tensor(v)) for v in rows.values())
@@ -156,10 +178,10 @@ def test_corrupt_image_while_training(tmp_path, capsys):
 
 def test_a_finished_run_is_not_replaced(tmp_path, capsys):
     run_a = tmp_path / "runA"
-    assert main([*SMALL, "--stage", "teacher", "--out", str(run_a), "--set", "max_steps=1"]) == 0
+    assert main([*SMALL, "--phases", "teacher", "--out", str(run_a), "--set", "max_steps=1"]) == 0
     config, ckpt = (run_a / "config.toml").read_text(), (run_a / "teacher" / "checkpoint.pt").read_bytes()
     assert "'arch': got 'typo'" in run_error(["--arch", "typo", "--out", str(run_a)], capsys)
-    err = run_error([*SMALL, "--stage", "teacher", "--out", str(run_a)], capsys)
+    err = run_error([*SMALL, "--phases", "teacher", "--out", str(run_a)], capsys)
     assert f"run folder {run_a} holds checkpoints of an earlier run (teacher/checkpoint.pt)" in err
     assert "use --resume to continue it" in err and "another --out" in err
     assert (run_a / "config.toml").read_text() == config
@@ -191,7 +213,7 @@ def test_one_run_at_a_time_per_folder(tmp_path, capsys):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        err = run_error([*SMALL, "--stage", "teacher", "--out", str(out), "--set", "max_steps=1"], capsys)
+        err = run_error([*SMALL, "--phases", "teacher", "--out", str(out), "--set", "max_steps=1"], capsys)
         assert f"run folder {out} is in use by another run (pid {holder.pid})" in err
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the refused run wrote nothing
     finally:

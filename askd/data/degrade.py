@@ -44,7 +44,7 @@ def gaussian_blur(x: torch.Tensor, sigma: tuple[float, float], size: int = KERNE
     return F.conv2d(F.pad(x, (p, p, p, p), mode="reflect"), k.expand(c, 1, size, size), groups=c)
 
 
-def lr_size(scale: int, size: int = 112) -> int:
+def low_res_size(scale: int, size: int = 112) -> int:
     """The LR side for a down-sampling ``scale`` (2, 4 or 8): 112 -> 56, 28, 14."""
     if scale not in (2, 4, 8):
         raise ValueError(f"scale must be 2, 4 or 8, got {scale}")
@@ -60,11 +60,11 @@ def degrade(x: torch.Tensor, size: int, variant: str = "official") -> torch.Tens
     if not 2 < size <= min(h, w):
         raise ValueError(f"degrade: LR size must be in (2, {min(h, w)}], got {size}")
     if variant == "official":
-        lr = F.interpolate(x, size=(size, size), mode="nearest")
-        up = F.interpolate(lr, size=(h, w), mode="nearest")
+        low_res = F.interpolate(x, size=(size, size), mode="nearest")
+        up = F.interpolate(low_res, size=(h, w), mode="nearest")
         return gaussian_blur(up, OFFICIAL_SIGMA)
-    lr = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    lr = gaussian_blur(lr, PAPER_SIGMA)
-    up = F.interpolate(lr, size=(h, w), mode="bicubic", align_corners=False)
+    low_res = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    low_res = gaussian_blur(low_res, PAPER_SIGMA)
+    up = F.interpolate(low_res, size=(h, w), mode="bicubic", align_corners=False)
     # bicubic overshoots; keep each image inside its own input range
     return up.clamp(x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True))

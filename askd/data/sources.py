@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .folders import DataError, ImageFolderFaces, split_identities
-from .pairs import make_pairs
 from .insightface import RecordDataset, pack_paths
+from .pairs import make_pairs
 from .synthetic import SyntheticFaces
 from .verification_bin import pair_indices, read_bin_tensors
 

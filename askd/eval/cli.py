@@ -1,14 +1,15 @@
 """``python -m askd.eval``: evaluate trained checkpoints on the field's benchmarks.
 
     python -m askd.eval verify MODEL.pt [MODEL.pt ...] --bin lfw.bin agedb_30.bin [--protocol askd]
-    python -m askd.eval tinyface MODEL.pt --root path/to/tinyface [--lr-size 14]
+    python -m askd.eval tinyface MODEL.pt --root path/to/tinyface [--low-res-size 14]
     python -m askd.eval attention --teacher T.pt --student askd=S.pt [--student base=B.pt] --bin agedb_30.bin
 
 Resolution: each model sees what it was trained on unless told otherwise. A teacher checkpoint gets the HR
 images, a student the LR synthesis of its own training run (its variant, its LR size), applied to both images
-of a pair as the paper does; ``--hr``, ``--lr-size PX`` or ``--scale N`` (and ``--variant``) override that
-for every model. TinyFace images are natively low-resolution, so ``tinyface`` applies no synthesis unless
-``--lr-size``/``--scale`` is given. ``attention`` always gives the teacher HR and the students LR.
+of a pair as the paper does; ``--hr``, ``--low-res-size PX`` (also spelt ``--lr-size``) or ``--scale N`` (and
+``--variant``) override that for every model. TinyFace images are natively low-resolution, so ``tinyface``
+applies no synthesis unless ``--low-res-size``/``--scale`` is given. ``attention`` always gives the teacher HR
+and the students LR.
 
 Results print as markdown tables; ``--json FILE`` also writes them as JSON. ``attention`` writes
 ``attention.md`` (per-block Pearson r) and ``attention.png`` (spatial maps over the face) in ``--out``.
@@ -43,55 +44,60 @@ PROG = "askd.eval"
 
 @dataclass
 class Loaded:
-    """A checkpoint's model and the input it is evaluated on: ``lr_size`` None means HR."""
+    """A checkpoint's model and the input it is evaluated on: ``low_res_size`` None means HR."""
 
     name: str
     model: torch.nn.Module
     role: str
     variant: str
-    lr_size: int | None
+    low_res_size: int | None
 
     def transform(self):
         """The LR synthesis on a float batch in [-1,1], or None for HR."""
-        if self.lr_size is None:
+        if self.low_res_size is None:
             return None
-        side, variant = self.lr_size, self.variant
+        side, variant = self.low_res_size, self.variant
         return lambda x: degrade(x, side, variant)
 
     def label(self) -> str:
-        res = "HR" if self.lr_size is None else f"LR {self.lr_size} px"
+        res = "HR" if self.low_res_size is None else f"LR {self.low_res_size} px"
         return f"{self.name} ({self.role}, {res})"
 
 
-def lr_override(args) -> int | None | str:
+def low_res_override(args) -> int | None | str:
     """The LR size the flags ask for: an int, None for ``--hr``, or "auto" (each checkpoint's own)."""
     if args.hr:
         return None
-    if args.lr_size:
-        return args.lr_size
+    if args.low_res_size:
+        return args.low_res_size
     if args.scale:
         return 112 // args.scale
     return "auto"
 
 
-def load(path: str, args, device: torch.device, name: str | None = None, lr="auto") -> Loaded:
-    """A checkpoint as a :class:`Loaded`; ``lr`` "auto" takes HR for a teacher or HORKD assistant, the run's LR
-    size otherwise."""
+def load(path: str, args, device: torch.device, name: str | None = None, low_res="auto") -> Loaded:
+    """A checkpoint as a :class:`Loaded`; ``low_res`` "auto" takes HR for a teacher or HORKD assistant, the run's
+    LR size otherwise."""
     model, ckpt = load_model(path, device)
-    cfg = ckpt.get("config", {})
     role = describe_role(ckpt)
-    if lr == "auto":
+    if low_res == "auto":
         hr = ckpt.get("role") in ("teacher", "assistant")
-        lr = None if hr else (cfg.get("lr_size") or 112 // cfg.get("scale", 8))
+        low_res = None if hr else run_low_res_size(ckpt.get("config", {}))
     variant = args.variant or ckpt["variant"]
-    return Loaded(name or Path(path).parent.name or Path(path).stem, model, role, variant, lr)
+    return Loaded(name or Path(path).parent.name or Path(path).stem, model, role, variant, low_res)
+
+
+def run_low_res_size(cfg: dict) -> int:
+    """The LR side of the training run whose config (a checkpoint's ``config`` dict) is ``cfg``."""
+    # checkpoints of older versions name the key lr_size
+    return cfg.get("low_res_size", cfg.get("lr_size")) or 112 // cfg.get("scale", 8)
 
 
 def cmd_verify(args, device: torch.device) -> dict:
     sets = {Path(p).stem: read_bin_tensors(p, size=112) for p in args.bin}
     results = {}
     for path in args.models:
-        m = load(path, args, device, lr=lr_override(args))
+        m = load(path, args, device, low_res=low_res_override(args))
         row = {}
         for name, (images, issame) in sets.items():
             r = evaluate_pairs(m.model, images, *pair_indices(len(issame)), issame, args.protocol, m.transform(),
@@ -108,10 +114,10 @@ def cmd_verify(args, device: torch.device) -> dict:
 
 
 def cmd_tinyface(args, device: torch.device) -> dict:
-    lr = lr_override(args)
+    low_res = low_res_override(args)
     results = {}
     for path in args.models:
-        m = load(path, args, device, lr=None if lr == "auto" else lr)
+        m = load(path, args, device, low_res=None if low_res == "auto" else low_res)
         results[m.label()] = evaluate_tinyface(m.model, args.root, args.batch_size, device, m.transform(),
                                                flip=not args.no_flip, num_workers=args.workers)
     ranks = [k for k in next(iter(results.values())) if k.startswith("rank-")]
@@ -134,15 +140,15 @@ def attention_images(args) -> torch.Tensor:
 
 
 def cmd_attention(args, device: torch.device) -> dict:
-    lr = lr_override(args)
-    teacher = load(args.teacher, args, device, "teacher", lr=None)
+    low_res = low_res_override(args)
+    teacher = load(args.teacher, args, device, "teacher", low_res=None)
     students = []
     for spec in args.student:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).parent.name, spec
-        students.append(load(path, args, device, name, lr=lr))
-    if any(s.lr_size is None for s in students):
+        students.append(load(path, args, device, name, low_res=low_res))
+    if any(s.low_res_size is None for s in students):
         raise DataError("attention compares the teacher on HR with students on LR; drop --hr")
     images = attention_images(args)
     correlations = {s.name: attention_correlation(teacher.model, s.model, images, s.transform(),
@@ -151,8 +157,8 @@ def cmd_attention(args, device: torch.device) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     table = correlation_table(correlations)
     source = args.bin or args.folder
-    (out / "attention.md").write_text(f"{len(images)} images of {source}; students on LR {students[0].lr_size} px\n\n"
-                                      f"{table}\n")
+    side = students[0].low_res_size
+    (out / "attention.md").write_text(f"{len(images)} images of {source}; students on LR {side} px\n\n{table}\n")
     figure = figure_of(teacher, students, images[: args.figure_images], device, out / "attention.png")
     print(table)
     print(f"wrote {out / 'attention.md'} and {figure}")
@@ -170,7 +176,7 @@ def figure_of(teacher: Loaded, students: list[Loaded], images: torch.Tensor, dev
     for i in range(len(images)):
         for (m, v), mp in zip(views, maps, strict=True):
             faces.append(v[i])
-            rows.append((f"{i + 1}: {m.name}\n{'HR' if m.lr_size is None else f'LR {m.lr_size} px'}",
+            rows.append((f"{i + 1}: {m.name}\n{'HR' if m.low_res_size is None else f'LR {m.low_res_size} px'}",
                          len(faces) - 1, mp[i]))
     return attention_figure(path, faces, rows, [f"block {b + 1}" for b in blocks])
 
@@ -199,7 +205,8 @@ def parser() -> argparse.ArgumentParser:
     for s in (verify, tiny, att):
         res = s.add_mutually_exclusive_group()
         res.add_argument("--hr", action="store_true", help="evaluate every model on HR images")
-        res.add_argument("--lr-size", type=int, help="LR synthesis to this side in px for every model")
+        res.add_argument("--low-res-size", "--lr-size", type=int,
+                         help="LR synthesis to this side in px for every model")
         res.add_argument("--scale", type=int, choices=(2, 4, 8), help="LR side = 112 / scale for every model")
         s.add_argument("--variant", choices=("official", "paper"), help="LR synthesis variant (default: the model's)")
         s.add_argument("--batch-size", type=int, default=64)

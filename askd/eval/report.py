@@ -31,23 +31,24 @@ def evaluate_run(
     assistants: dict[str, torch.nn.Module] | None = None,
 ) -> dict:
     """Results dict: protocol, LR size, {set: {model: accuracy, std}}, per-student correlations."""
-    side = cfg.lr_side()
+    side = cfg.low_res_side()
 
-    def to_lr(x: torch.Tensor) -> torch.Tensor:
+    def to_low_res(x: torch.Tensor) -> torch.Tensor:
         return degrade(x, side, cfg.variant)
 
-    models = {"teacher (HR)": (teacher, None), "teacher (LR)": (teacher, to_lr)}
+    models = {"teacher (HR)": (teacher, None), "teacher (LR)": (teacher, to_low_res)}
     models.update({f"assistant {method} (HR)": (a, None) for method, a in (assistants or {}).items()})
-    models.update({f"student {method} (LR)": (student, to_lr) for method, student in students.items()})
+    models.update({f"student {method} (LR)": (student, to_low_res) for method, student in students.items()})
     rows = {name: verify_sets(m, data.eval_sets, cfg.eval_protocol, tf, device) for name, (m, tf) in models.items()}
     images = next(iter(data.eval_sets.values())).images
     same_arch = not cfg.assistant or cfg.assistant == cfg.arch
     correlations = {
-        m: attention_correlation(teacher, s, images, to_lr, device=device) for m, s in students.items() if same_arch
+        m: attention_correlation(teacher, s, images, to_low_res, device=device)
+        for m, s in students.items() if same_arch
     }
     return {
         "protocol": cfg.eval_protocol, "pairs": {name: len(p) for name, p in data.eval_sets.items()},
-        "lr_size": side, "variant": cfg.variant, "arch": cfg.arch, "data": cfg.data,
+        "low_res_size": side, "variant": cfg.variant, "arch": cfg.arch, "data": cfg.data,
         "verification": {name: {model: rows[model][name] for model in rows} for name in data.eval_sets},
         "attention_correlation": correlations,
     }
@@ -59,7 +60,7 @@ def format_table(results: dict) -> str:
     sets = list(results["verification"])
     lines = [
         f"Verification pairs: {pairs} ({results['protocol']} protocol, 10 folds, flip TTA), "
-        f"{results['arch']} / {results['variant']}, LR = {results['lr_size']} px; accuracy % (std over folds)",
+        f"{results['arch']} / {results['variant']}, LR = {results['low_res_size']} px; accuracy % (std over folds)",
         "",
         "| model | " + " | ".join(sets) + " |",
         "|---" * (len(sets) + 1) + "|",

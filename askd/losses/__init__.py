@@ -8,8 +8,8 @@ both live in one file, and adding a method is that one file and its import here.
 
 from ..ops.cosine_distill import cosine_distance
 from . import registry
-from .askd import attention_distill_loss
 from .at import at_cos_loss, at_loss, attention_map
+from .attention_similarity import attention_distill_loss
 from .fkd import fkd_loss
 from .horkd import ClassCentres, horkd_loss
 from .kd import kd_loss

@@ -1,6 +1,6 @@
 """Input checks shared by the feature and embedding losses (AT, F-KD, RKD, HORKD): clear errors, not NaN.
 
-Attention-map lists have their own check in :mod:`askd.losses.askd` (pairs of maps per block).
+Attention-map lists have their own check in :mod:`askd.losses.attention_similarity` (pairs of maps per block).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .. import runlock
@@ -19,10 +20,12 @@ from .pipeline import RunFolderError, run
 
 # command-line flags that are shorthands for config keys
 FLAGS = {
-    "stage": str, "teacher": str, "variant": str, "scale": int, "lr_size": int, "data": str, "arch": str,
+    "phases": str, "teacher": str, "variant": str, "scale": int, "low_res_size": int, "data": str, "arch": str,
     "epochs": int, "batch_size": int, "out": str, "seed": int, "device": str, "amp": str, "method": str,
     "assistant": str,
 }
+# the flags of keys since renamed (askd.config.RENAMED_KEYS) stay as plain synonyms: scripts and docs use them
+OLD_FLAGS = {"phases": ("--stage",), "low_res_size": ("--lr-size",)}
 SWITCHES = ("channels_last", "compile", "fused", "resume")
 DESCRIPTION = "HR teacher -> frozen -> one LR student per method -> evaluation (A-SKD and the paper's baselines)."
 
@@ -39,7 +42,8 @@ def parse_args(argv: list[str] | None) -> Config:
     p = argparse.ArgumentParser(prog="python -m askd.train", description=DESCRIPTION, epilog=methods_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, kind in FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"config key {name}")
+        spellings = ("--" + name.replace("_", "-"), *OLD_FLAGS.get(name, ()))
+        p.add_argument(*spellings, type=kind, default=None, help=f"config key {name}")
     for name in SWITCHES:
         p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=f"set {name}=true")
     p.add_argument("--config", help="TOML file of config keys, or a preset: official_ir50, paper_ir50")
@@ -61,7 +65,11 @@ def parse_args(argv: list[str] | None) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        run(parse_args(argv))
+        with warnings.catch_warnings():
+            # Python hides a DeprecationWarning not raised in __main__; the user of an old config key should see it
+            warnings.filterwarnings("default", category=DeprecationWarning, module=r"askd\.")
+            cfg = parse_args(argv)
+        run(cfg)
     except (ConfigError, CheckpointError, DataError, RunFolderError, runlock.RunLockError) as e:
         print(f"askd.train: error: {e}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from ..eval.report import evaluate_run, format_table
 from ..losses import build, registry
 from ..nn import ArcFace
 from .fit import fit
-from .trainer import Stage, compile_model, freeze
+from .trainer import Phase, compile_model, freeze
 
 Frozen = tuple[torch.nn.Module, ArcFace]
 
@@ -79,13 +79,13 @@ def teacher_path(cfg: Config) -> Path:
 
 
 def reused_teacher(cfg: Config, data: TrainData, device: torch.device) -> Frozen | None:
-    """The teacher this run reuses instead of training it (``--teacher``, or with ``--stage student`` the run
+    """The teacher this run reuses instead of training it (``--teacher``, or with ``--phases student`` the run
     folder's own), loaded and checked against the data; None when the run trains its teacher."""
-    if not cfg.teacher and cfg.stage in ("teacher", "all"):
+    if not cfg.teacher and cfg.phases in ("teacher", "all"):
         return None
     path = teacher_path(cfg)
     if not cfg.teacher and not path.is_file():
-        raise CheckpointError(f"--stage student needs a teacher: pass --teacher PATH (none at {path})")
+        raise CheckpointError(f"--phases student needs a teacher: pass --teacher PATH (none at {path})")
     teacher, head = load_frozen(path, cfg, cfg.arch, device)
     needs_head = [m for m in cfg.methods() if "teacher_logits" in registry.needs_of(m)]
     if head.num_classes != data.num_classes and needs_head:
@@ -111,7 +111,7 @@ def run(cfg: Config) -> dict:
         check_run_folder(cfg)  # again under the lock: a run that held it may have written checkpoints since
         with replacing(out / "config.toml") as tmp:
             tmp.write_text(to_toml(cfg))
-        print(f"askd: {cfg.arch}/{cfg.variant} on {device}, {data.describe()}, LR {cfg.lr_side()} px, out {out}")
+        print(f"askd: {cfg.arch}/{cfg.variant} on {device}, {data.describe()}, LR {cfg.low_res_side()} px, out {out}")
         if cfg.fused:
             print("askd: --fused:", backend.describe_fallback(device))
         return train_and_evaluate(cfg, data, teacher, device)
@@ -123,12 +123,12 @@ def train_student(cfg: Config, spec: str, teacher: Frozen, data: TrainData, devi
     arch, assistant = cfg.assistant or cfg.arch, None
     method = build(spec, cfg, data.num_classes)
     if cfg.assistant and method.needs:
-        # HORKD's cross-structure stage: the assistant learns from the teacher on HR with the same method
-        stage = Stage("assistant", method, arch, *teacher)
-        assistant = load_frozen(fit(cfg, stage, data, device), cfg, arch, device)
+        # HORKD's cross-structure phase: the assistant learns from the teacher on HR with the same method
+        phase = Phase("assistant", method, arch, *teacher)
+        assistant = load_frozen(fit(cfg, phase, data, device), cfg, arch, device)
         teacher = (teacher_forward(cfg, assistant[0]), assistant[1])
-        method = build(spec, cfg, data.num_classes)  # a fresh method state for the cross-resolution stage
-    path = fit(cfg, Stage("student", method, arch, *teacher), data, device)
+        method = build(spec, cfg, data.num_classes)  # a fresh method state for the cross-resolution phase
+    path = fit(cfg, Phase("student", method, arch, *teacher), data, device)
     return load_frozen(path, cfg, arch, device)[0], assistant and assistant[0]
 
 
@@ -136,10 +136,10 @@ def train_and_evaluate(cfg: Config, data: TrainData, teacher: Frozen | None, dev
     """Train the teacher (unless ``teacher`` is given) and the students, evaluate, write the results."""
     out = Path(cfg.out)
     if teacher is None:
-        stage = Stage("teacher", build("base", cfg, data.num_classes), cfg.arch)
-        teacher = load_frozen(fit(cfg, stage, data, device), cfg, cfg.arch, device)
+        phase = Phase("teacher", build("base", cfg, data.num_classes), cfg.arch)
+        teacher = load_frozen(fit(cfg, phase, data, device), cfg, cfg.arch, device)
     students, assistants = {}, {}
-    if cfg.stage in ("student", "all"):
+    if cfg.phases in ("student", "all"):
         runs_as = (teacher_forward(cfg, teacher[0]), teacher[1])
         for spec in cfg.methods():
             name = registry.canonical(spec)

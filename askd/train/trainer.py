@@ -1,9 +1,10 @@
-"""One model's training: its phase (:class:`Stage`), its state (:class:`Trainer`) and one step.
+"""One model's training: its phase (:class:`Phase`), its state (:class:`Trainer`) and one step.
 
 A training step (DESIGN.md section 3): uint8 HR batch -> device, [-1,1], random flip (:func:`to_input`) ->
 the LR version for a student -> frozen teacher forward on HR without grad (only when the method uses it) ->
-forward -> ArcFace cross-entropy + the method's loss terms -> SGD step; the LR schedule is evaluated per step.
-The step knows no method names: a method (:mod:`askd.losses`) says what it needs and returns its terms.
+forward -> ArcFace cross-entropy + the method's loss terms -> SGD step; the learning-rate schedule is
+evaluated per step. The step knows no method names: a method (:mod:`askd.losses`) says what it needs and returns
+its terms.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ ROLES = ("teacher", "assistant", "student")  # what a phase trains: the inputs a
 
 
 def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
-    """Multiplier of the base LR at optimiser step ``step``: 0.1 per milestone passed.
+    """Multiplier of the base learning rate at optimiser step ``step``: 0.1 per milestone passed.
 
     Milestones are fractions of training. ``official`` reproduces the authors' scheduler, which is stepped
-    at the start of every epoch and so lowers the LR one epoch (of their 20) earlier than the paper's
+    at the start of every epoch and so lowers the learning rate one epoch (of their 20) earlier than the paper's
     text: the shift is 1/20 of training, exactly one epoch in the 20-epoch recipe.
     """
     total = cfg.epochs * steps_per_epoch
@@ -39,7 +40,7 @@ def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
 
 
 @dataclasses.dataclass
-class Stage:
+class Phase:
     """One phase of a run: a ``role`` model of architecture ``arch`` trained with ``method`` (the teacher's is
     ``base``), against the frozen ``teacher`` (its forward: the module or its compiled version) and its ArcFace
     head when the method needs them. Students see the LR images, the teacher and HORKD's assistant HR."""
@@ -52,7 +53,7 @@ class Stage:
 
     def __post_init__(self):
         if self.role not in ROLES:
-            raise ValueError(f"stage role {self.role!r}: expected one of {ROLES}")
+            raise ValueError(f"phase role {self.role!r}: expected one of {ROLES}")
         if self.method.needs and self.teacher is None:
             raise ValueError(f"method {self.method.name} needs {sorted(self.method.needs)} of a teacher; none given")
 
@@ -62,7 +63,8 @@ class Stage:
         return "teacher" if self.role == "teacher" else f"{self.role}_{self.method.name}"
 
     @property
-    def lr_input(self) -> bool:
+    def low_res_input(self) -> bool:
+        """Whether this phase's model sees the LR images (a student) rather than HR."""
         return self.role == "student"
 
 
@@ -92,20 +94,20 @@ def run_model(model, x: torch.Tensor, stages: bool) -> tuple:
     return emb, maps, None
 
 
-def step_loss(cfg: Config, stage: Stage, model, head: ArcFace, hr: torch.Tensor, labels: torch.Tensor) -> dict:
+def step_loss(cfg: Config, phase: Phase, model, head: ArcFace, hr: torch.Tensor, labels: torch.Tensor) -> dict:
     """Forward one batch; returns the loss terms: ``ce`` and the method's, their sum ``loss`` (what is
     minimised) and the training accuracy ``acc``."""
-    needs = stage.method.needs
-    x = degrade(hr, cfg.lr_side(), cfg.variant) if stage.lr_input else hr
+    needs = phase.method.needs
+    x = degrade(hr, cfg.low_res_side(), cfg.variant) if phase.low_res_input else hr
     emb, maps, feats = run_model(model, x, "stages" in needs)
     logits = head(emb, labels)
     out = Outputs(labels, emb, maps, logits, student_stages=feats)
     if needs:
         with torch.no_grad():
-            out.teacher_emb, out.teacher_maps, out.teacher_stages = run_model(stage.teacher, hr, "stages" in needs)
+            out.teacher_emb, out.teacher_maps, out.teacher_stages = run_model(phase.teacher, hr, "stages" in needs)
             if "teacher_logits" in needs:
-                out.teacher_logits = stage.teacher_head(out.teacher_emb, labels)
-    terms = {"ce": F.cross_entropy(logits, labels), **stage.method(out)}
+                out.teacher_logits = phase.teacher_head(out.teacher_emb, labels)
+    terms = {"ce": F.cross_entropy(logits, labels), **phase.method(out)}
     return {"loss": sum(terms.values()), **terms, "acc": accuracy(head, emb, labels)}
 
 
@@ -133,11 +135,11 @@ def freeze(model: torch.nn.Module, head: ArcFace) -> tuple[torch.nn.Module, ArcF
 
 @dataclasses.dataclass
 class Trainer:
-    """One model's training state: model and ArcFace head, the method (and its state), SGD, the per-step LR
-    schedule, the AMP scaler."""
+    """One model's training state: model and ArcFace head, the method (and its state), SGD, the per-step
+    learning-rate schedule, the AMP scaler."""
 
     cfg: Config
-    stage: Stage
+    phase: Phase
     model: torch.nn.Module
     head: ArcFace
     opt: torch.optim.Optimizer
@@ -148,42 +150,42 @@ class Trainer:
     fwd: Callable | None = None  # what the forward runs through: the compiled model, or None for the model itself
 
     @classmethod
-    def create(cls, cfg: Config, stage: Stage, num_classes: int, steps_per_epoch: int, device: torch.device) -> Trainer:
+    def create(cls, cfg: Config, phase: Phase, num_classes: int, steps_per_epoch: int, device: torch.device) -> Trainer:
         """A fresh model, head, optimiser and schedule for ``cfg``; the model compiled with ``--compile``."""
         torch.manual_seed(cfg.seed)
-        model, head = build_model(cfg, stage.arch, num_classes, device)
-        stage.method.to(device)
-        params = [*model.parameters(), *head.parameters(), *stage.method.parameters()]
+        model, head = build_model(cfg, phase.arch, num_classes, device)
+        phase.method.to(device)
+        params = [*model.parameters(), *head.parameters(), *phase.method.parameters()]
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, steps_per_epoch))
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         fwd = compile_model(model) if cfg.compile else None
-        return cls(cfg, stage, model, head, opt, sched, scaler, num_classes, fwd=fwd)
+        return cls(cfg, phase, model, head, opt, sched, scaler, num_classes, fwd=fwd)
 
     def state(self, epoch: int) -> dict:
         """The checkpoint dict (see askd.checkpoint)."""
-        cfg, stage = self.cfg, self.stage
+        cfg, phase = self.cfg, self.phase
         return {
             "model": self.model.state_dict(), "head": self.head.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
-            "step": self.step, "rng": rng_state(), "config": dataclasses.asdict(cfg), "role": stage.role,
-            "method": stage.method.name, "method_state": stage.method.state_dict(), "arch": stage.arch,
+            "step": self.step, "rng": rng_state(), "config": dataclasses.asdict(cfg), "role": phase.role,
+            "method": phase.method.name, "method_state": phase.method.state_dict(), "arch": phase.arch,
             "variant": cfg.variant, "embedding_size": cfg.embedding_size, "num_classes": self.num_classes,
         }
 
     def restore(self, ckpt: dict) -> None:
         """Load this model's own checkpoint; one of another phase, architecture or variant is refused."""
-        stage, variant = self.stage, self.cfg.variant
+        phase, variant = self.phase, self.cfg.variant
         have = (ckpt.get("role"), ckpt.get("method"), ckpt["arch"], ckpt["variant"])
-        want = (stage.role, stage.method.name, stage.arch, variant)
+        want = (phase.role, phase.method.name, phase.arch, variant)
         if have != want:
             raise CheckpointError(
-                f"cannot resume {stage.dirname}: its checkpoint is {'/'.join(map(str, have))} "
+                f"cannot resume {phase.dirname}: its checkpoint is {'/'.join(map(str, have))} "
                 f"(role/method/arch/variant), this run is {'/'.join(want)}"
             )
         self.model.load_state_dict(ckpt["model"])
         self.head.load_state_dict(ckpt["head"])
-        self.stage.method.load_state_dict(ckpt["method_state"])
+        self.phase.method.load_state_dict(ckpt["method_state"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -196,7 +198,7 @@ class Trainer:
         hr: float (B,3,112,112) in [-1,1] on the device (see :func:`to_input`); labels: int64 (B,)."""
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
         with torch.autocast(hr.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            terms = step_loss(self.cfg, self.stage, self.model if self.fwd is None else self.fwd, self.head, hr, labels)
+            terms = step_loss(self.cfg, self.phase, self.model if self.fwd is None else self.fwd, self.head, hr, labels)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
         self.scaler.step(self.opt)

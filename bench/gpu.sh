@@ -33,7 +33,7 @@ python3 -m askd.info
 stage "GPU tests"
 # a failing test does not stop the timings (the lease is short); the script's exit status reports it at the end
 tests_ok=1
-python3 -m pytest -q -p no:cacheprovider tests/test_ext_cuda.py tests/test_triton_kernels.py \
+python3 -m pytest -q -p no:cacheprovider tests/test_op_cbam.py tests/test_op_cosine_distill.py \
   tests/test_compile_fused.py tests/test_backend.py > "$out/gpu-tests.log" 2>&1 || tests_ok=0
 tail -n 25 "$out/gpu-tests.log"
 

@@ -7,7 +7,16 @@ the interpreter, so it is switched on here, before any test module is imported.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """The references' convolutions and matmuls in full float32 on a GPU: TF32 would be the larger error."""
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)

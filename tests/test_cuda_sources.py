@@ -2,7 +2,8 @@
 
 Needs nvcc but no GPU and no CUDA build of torch, so it runs in CI: it catches syntax, template and type errors
 in the kernels (and warnings in our own files). What the kernels compute is tested on a GPU by
-``tests/test_ext_cuda.py``. The sources compile in parallel; each test waits for its own file.
+the ``ext-cuda`` cases of ``tests/test_op_cbam.py`` and ``tests/test_op_cosine_distill.py``. The sources compile in
+parallel; each test waits for its own file.
 """
 
 from __future__ import annotations

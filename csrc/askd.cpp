@@ -52,14 +52,14 @@ TORCH_LIBRARY(askd, m) {
       "cbam_backward(Tensor dy, Tensor da_c, Tensor da_s, Tensor x, Tensor w1, Tensor w2, Tensor ws, Tensor a_c, "
       "Tensor a_s, Tensor chan, Tensor idx_c, Tensor pooled, Tensor idx_s) -> (Tensor dx, Tensor dw1, Tensor dw2, "
       "Tensor dws)");
-  m.def("cosine_distill_forward(Tensor[] teacher, Tensor[] student, float scale) -> (Tensor loss, Tensor stats)");
+  m.def("cosine_distill_forward(Tensor[] teacher, Tensor[] student, float weight) -> (Tensor loss, Tensor stats)");
   m.def(
-      "cosine_distill_backward(Tensor grad, Tensor[] teacher, Tensor[] student, Tensor stats, float scale) "
+      "cosine_distill_backward(Tensor grad, Tensor[] teacher, Tensor[] student, Tensor stats, float weight) "
       "-> Tensor[]");
   // forward and the student gradients (for a unit upstream gradient) in one pass, each row still in cache;
   // CPU only: there the backward pass would read every map again for nothing
   m.def(
-      "cosine_distill_forward_grad(Tensor[] teacher, Tensor[] student, float scale) -> (Tensor loss, Tensor stats, "
+      "cosine_distill_forward_grad(Tensor[] teacher, Tensor[] student, float weight) -> (Tensor loss, Tensor stats, "
       "Tensor[] dstudent)");
 }
 

@@ -3,7 +3,7 @@
 
 Shapes: M teacher/student map pairs, map j contiguous and read as (B, D_j); all maps share one dtype.
 The maps are not concatenated: a small flat int64 table is the only host-to-device copy: the data addresses
-of the teacher, student (and, for backward, d student) maps, the D_j, then the bits of the float64 ``scale``
+of the teacher, student (and, for backward, d student) maps, the D_j, then the bits of the float64 ``weight``
 (exact for float64 maps). Each program turns an address back into a typed pointer (the multi-tensor-apply
 pattern). This works on a GPU and under ``TRITON_INTERPRET=1`` on CPU tensors, where the interpreter
 dereferences raw host addresses; it would not with CUDA tensors under the interpreter, which copies only the
@@ -12,8 +12,8 @@ tensors passed as arguments to the host.
 Grid (B, M) for both launches: program (b, j) reduces or writes row b of map j in BLOCK chunks. Forward:
 stats[j,b] = (dot, |t|^2, |s|^2) in ACC (float32; float64 for float64 maps); the last program to finish
 (an acq_rel atomic counter) sums the loss over all (j, b) in a fixed order, so the loss is deterministic
-with one launch. Backward: d s = -grad * scale / B * (t / n - dot / max(n |s|^2, eps) * s), n = |t| |s|,
-or -grad * scale / B * t / eps where n <= eps; stored in the maps' dtype. A NaN in a row makes n NaN and so,
+with one launch. Backward: d s = -grad * weight / B * (t / n - dot / max(n |s|^2, eps) * s), n = |t| |s|,
+or -grad * weight / B * t / eps where n <= eps; stored in the maps' dtype. A NaN in a row makes n NaN and so,
 as in PyTorch, that row's whole gradient. B must be > 0: the mean over an empty batch is undefined.
 """
 
@@ -62,7 +62,7 @@ def _cosine_distill_fwd_kernel(
     table_ptr, stats_ptr, loss_ptr, count_ptr, B, M,
     DT: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_LOSS: tl.constexpr,
 ):  # fmt: skip
-    """table: teacher addresses (M), student addresses (M), D (M), scale. -> stats (M,B,3), then loss ()."""
+    """table: teacher addresses (M), student addresses (M), D (M), weight. -> stats (M,B,3), then loss ()."""
     b, j, d, t_ptr, s_ptr = _pair_rows(table_ptr, 2, M, DT)
     dot = tl.zeros([BLOCK], ACC)
     tt = tl.zeros([BLOCK], ACC)
@@ -83,13 +83,13 @@ def _cosine_distill_fwd_kernel(
     tl.debug_barrier()
     done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if done == M * B - 1:
-        scale = tl.load(table_ptr + 3 * M).to(tl.float64, bitcast=True).to(ACC)
-        _loss_sum(stats_ptr, loss_ptr, M * B, B, scale, ACC, EPS, BLOCK_LOSS)
+        weight = tl.load(table_ptr + 3 * M).to(tl.float64, bitcast=True).to(ACC)
+        _loss_sum(stats_ptr, loss_ptr, M * B, B, weight, ACC, EPS, BLOCK_LOSS)
 
 
 @triton.jit
-def _loss_sum(stats_ptr, loss_ptr, rows, B, scale, ACC: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr):
-    """loss = scale / B * sum over the (j, b) rows of stats of (1 - dot / max(|t| |s|, eps))."""
+def _loss_sum(stats_ptr, loss_ptr, rows, B, weight, ACC: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr):
+    """loss = weight / B * sum over the (j, b) rows of stats of (1 - dot / max(|t| |s|, eps))."""
     total = tl.zeros([BLOCK], ACC)
     for start in range(0, rows, BLOCK):
         r = start + tl.arange(0, BLOCK)
@@ -99,7 +99,7 @@ def _loss_sum(stats_ptr, loss_ptr, rows, B, scale, ACC: tl.constexpr, EPS: tl.co
         tt = tl.load(stats_ptr + r * 3 + 1, mask=ok, other=0.0, volatile=True)
         ss = tl.load(stats_ptr + r * 3 + 2, mask=ok, other=0.0, volatile=True)
         total += tl.where(ok, 1 - dot / _clamp_min(tl.sqrt(tt) * tl.sqrt(ss), EPS), 0.0)
-    tl.store(loss_ptr, scale * (tl.sum(total, axis=0) / B))
+    tl.store(loss_ptr, weight * (tl.sum(total, axis=0) / B))
 
 
 @triton.jit
@@ -107,10 +107,10 @@ def _cosine_distill_bwd_kernel(
     table_ptr, stats_ptr, grad_ptr, B, M,
     DT: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """table: teacher, student, d student addresses (M each), D (M), scale. -> row b of d student map j."""
+    """table: teacher, student, d student addresses (M each), D (M), weight. -> row b of d student map j."""
     b, j, d, t_ptr, s_ptr = _pair_rows(table_ptr, 3, M, DT)
     ds_ptr = _map_row(table_ptr, 2, j, b, d, M, DT)
-    scale = tl.load(table_ptr + 4 * M).to(tl.float64, bitcast=True).to(ACC)
+    weight = tl.load(table_ptr + 4 * M).to(tl.float64, bitcast=True).to(ACC)
     row = stats_ptr + (j * B + b) * 3
     dot, tt, ss = tl.load(row), tl.load(row + 1), tl.load(row + 2)
     n = tl.sqrt(tt) * tl.sqrt(ss)
@@ -118,7 +118,7 @@ def _cosine_distill_bwd_kernel(
     big = (n > EPS) | (n != n)
     n = _clamp_min(n, EPS)
     k = dot / _clamp_min(n * ss, EPS)
-    coef = -tl.load(grad_ptr) * scale / B
+    coef = -tl.load(grad_ptr) * weight / B
     for start in range(0, d, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         t = tl.load(t_ptr + offs, mask=offs < d, other=0.0).to(ACC)
@@ -127,9 +127,9 @@ def _cosine_distill_bwd_kernel(
         tl.store(ds_ptr + offs, (coef * dcos).to(DT), mask=offs < d)
 
 
-def _table(device: torch.device, scale: float, *columns: list[int]) -> Tensor:
-    """The flat int64 table: the columns (M values each), then scale's float64 bits; one copy to ``device``."""
-    bits = torch.tensor([scale], dtype=torch.float64).view(torch.int64)
+def _table(device: torch.device, weight: float, *columns: list[int]) -> Tensor:
+    """The flat int64 table: the columns (M values each), then weight's float64 bits; one copy to ``device``."""
+    bits = torch.tensor([weight], dtype=torch.float64).view(torch.int64)
     return torch.cat([torch.tensor(columns, dtype=torch.int64).flatten(), bits]).to(device)
 
 
@@ -149,12 +149,12 @@ def _check(teacher: list[Tensor], student: list[Tensor]) -> tuple[int, int, torc
     return len(student), student[0].shape[0], dtype, [math.prod(s.shape[1:]) for s in student]
 
 
-def forward(teacher: list[Tensor], student: list[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+def forward(teacher: list[Tensor], student: list[Tensor], weight: float) -> tuple[Tensor, Tensor]:
     """M map pairs, map j (B, ...) -> loss () and stats (M,B,3) = (dot, |t|^2, |s|^2), both in acc."""
     M, B, dtype, widths = _check(teacher, student)
     acc = acc_dtype(dtype)
     device = student[0].device
-    table = _table(device, scale, [t.data_ptr() for t in teacher], [s.data_ptr() for s in student], widths)
+    table = _table(device, weight, [t.data_ptr() for t in teacher], [s.data_ptr() for s in student], widths)
     stats = torch.empty((M, B, 3), dtype=acc, device=device)
     loss = torch.empty((), dtype=acc, device=device)
     count = torch.zeros((), dtype=torch.int32, device=device)
@@ -165,12 +165,12 @@ def forward(teacher: list[Tensor], student: list[Tensor], scale: float) -> tuple
     return loss, stats
 
 
-def backward(grad: Tensor, teacher: list[Tensor], student: list[Tensor], stats: Tensor, scale: float) -> list[Tensor]:
+def backward(grad: Tensor, teacher: list[Tensor], student: list[Tensor], stats: Tensor, weight: float) -> list[Tensor]:
     """grad () of the loss, the M map pairs and stats (M,B,3) -> d loss / d student map j, each like its map."""
     M, B, dtype, widths = _check(teacher, student)
     out = [torch.empty_like(s) for s in student]
     addresses = [[m.data_ptr() for m in maps] for maps in (teacher, student, out)]
-    table = _table(student[0].device, scale, *addresses, widths)
+    table = _table(student[0].device, weight, *addresses, widths)
     _cosine_distill_bwd_kernel[(B, M)](
         table, stats.contiguous(), grad.to(stats.dtype), B, M,
         DT=_TL[dtype], ACC=_TL[stats.dtype], EPS=_EPS, BLOCK=_BLOCK, num_warps=_WARPS,

@@ -55,14 +55,14 @@ def maps(B, device, dtype=torch.float32, shapes=MAP_SHAPES, seed=0):
     return teacher, student
 
 
-def check_contract(backend, teacher, student, scale):
+def check_contract(backend, teacher, student, weight):
     """``backend``'s forward (loss, stats) and backward (one gradient per student map) against the references."""
     impl = backend_impl(backend)
-    want = cosine_distill_forward_ref(teacher, student, scale)
-    for name, g, w in zip(("loss", "stats"), impl.forward(teacher, student, scale), want, strict=True):
+    want = cosine_distill_forward_ref(teacher, student, weight)
+    for name, g, w in zip(("loss", "stats"), impl.forward(teacher, student, weight), want, strict=True):
         assert_close(name, g, w)
     # both backwards get the reference's statistics: the backward is checked on its own
-    args = (torch.tensor(1.3, dtype=want[0].dtype, device=want[0].device), teacher, student, want[1], scale)
+    args = (torch.tensor(1.3, dtype=want[0].dtype, device=want[0].device), teacher, student, want[1], weight)
     for j, (g, w) in enumerate(zip(impl.backward(*args), cosine_distill_backward_ref(*args), strict=True)):
         assert_close(f"d student {j}", g, w)
 

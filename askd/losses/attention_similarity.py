@@ -49,13 +49,13 @@ def attention_distill_loss(
     if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(KINDS):
         raise ValueError(f"kinds: expected distinct names of {list(KINDS)}, got {list(kinds)}")
     keep = [KINDS.index(k) for k in kinds]
-    scale = weight / len(keep) if variant == "paper" else weight
+    per_map = weight / len(keep) if variant == "paper" else weight  # the paper averages a block's kinds
     name = backends.resolve_constant(backend, student_maps[0][0].device.type)
     teacher = [pair[k] for pair in teacher_maps for k in keep]
     student = [pair[k] for pair in student_maps for k in keep]
     if name == "torch":
-        return cosine_distill_ref(teacher, student, scale)
-    return cosine_distill(teacher, student, scale, name, checked=True)
+        return cosine_distill_ref(teacher, student, per_map)
+    return cosine_distill(teacher, student, per_map, name, checked=True)
 
 
 @register

@@ -5,20 +5,20 @@ lists; each is read as B rows of D_j values. With t, s one row of map j and ``ep
 
     stats[j,b] = (dot(t,s), |t|^2, |s|^2)                       accumulated in acc (float32, or float64)
     cos[j,b]   = dot / max(|t| * |s|, eps)
-    loss       = scale * sum_j mean_b (1 - cos[j,b])            a 0-dim acc tensor
+    loss       = weight * sum_j mean_b (1 - cos[j,b])            a 0-dim acc tensor
 
-    d loss / d s = -scale / B * (t / n - dot * s / (n * |s|^2))   with n = |t| * |s|,  if n > eps
-                 = -scale / B * t / eps                                                otherwise
+    d loss / d s = -weight / B * (t / n - dot * s / (n * |s|^2))   with n = |t| * |s|,  if n > eps
+                 = -weight / B * t / eps                                                otherwise
 
 B must be > 0: the mean over an empty batch is undefined, so every backend (and :func:`check_maps`, before
 dispatch) raises a clear error for B = 0 rather than return NaN. A NaN anywhere in row b of a map makes that
 row's dot and norms NaN, so its loss term and its whole gradient row are NaN, as PyTorch's autograd gives
 (a NaN n takes the ``n > eps`` branch below).
 
-``scale`` carries the variant: ``weight`` for ``official`` (sum over all 2N maps), ``weight / 2`` for ``paper``
-(mean of the channel and spatial terms per block). Teacher maps get no gradient. Backends: ``triton``
-(``askd.kernels.cosine_distill``), ``ext`` (``torch.ops.askd.cosine_distill_forward`` / ``_backward``) and
-``torch`` (the functions here).
+``weight`` is every map's weight, and carries the variant: the loss weight for ``official`` (sum over all 2N
+maps), half of it for ``paper`` (mean of the channel and spatial terms per block). Teacher maps get no
+gradient. Backends: ``triton`` (``askd.kernels.cosine_distill``), ``ext``
+(``torch.ops.askd.cosine_distill_forward`` / ``_backward``) and ``torch`` (the functions here).
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ def cosine_distance(t: Tensor, s: Tensor, eps: float = EPS) -> Tensor:
     return (1 - (t * s).sum(dim=1) / n.clamp_min(eps)).mean()
 
 
-def cosine_distill_ref(teacher: list[Tensor], student: list[Tensor], scale: float) -> Tensor:
-    """``scale * sum_j mean_b(1 - cos(t_jb, s_jb))`` in plain PyTorch, differentiable in ``student``: the formula
+def cosine_distill_ref(teacher: list[Tensor], student: list[Tensor], weight: float) -> Tensor:
+    """``weight * sum_j mean_b(1 - cos(t_jb, s_jb))`` in plain PyTorch, differentiable in ``student``: the formula
     itself, which the ``torch`` backend of :func:`askd.losses.attention_distill_loss` runs."""
-    return scale * torch.stack([cosine_distance(t, s) for t, s in zip(teacher, student, strict=True)]).sum()
+    return weight * torch.stack([cosine_distance(t, s) for t, s in zip(teacher, student, strict=True)]).sum()
 
 
-def cosine_distill_forward_ref(teacher: list[Tensor], student: list[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+def cosine_distill_forward_ref(teacher: list[Tensor], student: list[Tensor], weight: float) -> tuple[Tensor, Tensor]:
     """The forward contract: (loss (), stats (M,B,3)) as in the module docstring."""
     acc = acc_dtype(student[0].dtype)
     rows = [
@@ -57,11 +57,11 @@ def cosine_distill_forward_ref(teacher: list[Tensor], student: list[Tensor], sca
     ]
     stats = torch.stack([torch.stack([(t * s).sum(1), (t * t).sum(1), (s * s).sum(1)], dim=1) for t, s in rows])
     cos = stats[..., 0] / (stats[..., 1].sqrt() * stats[..., 2].sqrt()).clamp_min(EPS)
-    return scale * (1 - cos).mean(dim=1).sum(), stats
+    return weight * (1 - cos).mean(dim=1).sum(), stats
 
 
 def cosine_distill_backward_ref(
-    grad: Tensor, teacher: list[Tensor], student: list[Tensor], stats: Tensor, scale: float
+    grad: Tensor, teacher: list[Tensor], student: list[Tensor], stats: Tensor, weight: float
 ) -> list[Tensor]:
     """The backward contract: d loss / d student map, each like its student map."""
     out = []
@@ -74,7 +74,7 @@ def cosine_distill_backward_ref(
         dcos = torch.where(
             big[:, None], tf / n.clamp_min(EPS)[:, None] - (dot / (n * ss).clamp_min(EPS))[:, None] * sf, tf / EPS
         )
-        out.append((-grad * scale / s.shape[0] * dcos).to(s.dtype).reshape(s.shape))
+        out.append((-grad * weight / s.shape[0] * dcos).to(s.dtype).reshape(s.shape))
     return out
 
 
@@ -94,49 +94,49 @@ def grads_in_forward(backend: str, device: torch.device) -> bool:
 
 
 def _forward(
-    teacher: list[Tensor], student: list[Tensor], scale: float, backend: str, with_grad: bool
+    teacher: list[Tensor], student: list[Tensor], weight: float, backend: str, with_grad: bool
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The body of ``askd::fused_cosine_distill`` (see there), callable without the custom-op wrapper."""
     impl = backend_impl(backend)
     if with_grad and grads_in_forward(backend, student[0].device):
-        loss, stats, dstudent = impl.forward_grad(teacher, student, scale)
+        loss, stats, dstudent = impl.forward_grad(teacher, student, weight)
         return loss, stats, list(dstudent)
-    loss, stats = impl.forward(teacher, student, scale)
+    loss, stats = impl.forward(teacher, student, weight)
     return loss, stats, []
 
 
 @torch.library.custom_op("askd::fused_cosine_distill", mutates_args=())
 def fused_cosine_distill(
-    teacher: list[Tensor], student: list[Tensor], scale: float, backend: str, with_grad: bool
+    teacher: list[Tensor], student: list[Tensor], weight: float, backend: str, with_grad: bool
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Fused loss forward through ``backend``: (loss (), stats (M,B,3), dstudent).
 
     dstudent holds d loss / d student for a unit upstream gradient when ``with_grad`` and
     :func:`grads_in_forward`; otherwise it is empty and backward runs the backend's backward kernel.
     """
-    return _forward(teacher, student, scale, backend, with_grad)
+    return _forward(teacher, student, weight, backend, with_grad)
 
 
-def _fake_forward(teacher, student, scale):
+def _fake_forward(teacher, student, weight):
     acc = acc_dtype(student[0].dtype)
     return student[0].new_empty((), dtype=acc), student[0].new_empty((len(student), student[0].shape[0], 3), dtype=acc)
 
 
 @fused_cosine_distill.register_fake
-def _(teacher, student, scale, backend, with_grad):
+def _(teacher, student, weight, backend, with_grad):
     grads = [torch.empty_like(s) for s in student] if with_grad and grads_in_forward(backend, student[0].device) else []
-    return (*_fake_forward(teacher, student, scale), grads)
+    return (*_fake_forward(teacher, student, weight), grads)
 
 
 @torch.library.custom_op("askd::fused_cosine_distill_backward", mutates_args=())
 def fused_cosine_distill_backward(
-    grad: Tensor, teacher: list[Tensor], student: list[Tensor], stats: Tensor, scale: float, backend: str
+    grad: Tensor, teacher: list[Tensor], student: list[Tensor], stats: Tensor, weight: float, backend: str
 ) -> list[Tensor]:
     """Fused loss backward through ``backend``: one gradient per student map."""
-    return list(backend_impl(backend).backward(grad, teacher, student, stats, scale))
+    return list(backend_impl(backend).backward(grad, teacher, student, stats, weight))
 
 
-def _fake_backward(grad, teacher, student, stats, scale):
+def _fake_backward(grad, teacher, student, stats, weight):
     return [torch.empty_like(s) for s in student]
 
 
@@ -145,23 +145,23 @@ if hasattr(_EXT, "forward"):
     torch.library.register_fake("askd::cosine_distill_forward")(_fake_forward)
     torch.library.register_fake("askd::cosine_distill_backward")(_fake_backward)
     torch.library.register_fake("askd::cosine_distill_forward_grad")(
-        lambda t, s, scale: (*_fake_forward(t, s, scale), [torch.empty_like(m) for m in s])
+        lambda t, s, weight: (*_fake_forward(t, s, weight), [torch.empty_like(m) for m in s])
     )
 
 
-def _run_forward(teacher, student, scale, backend, with_grad):
+def _run_forward(teacher, student, weight, backend, with_grad):
     # ext calls its compiled ops directly: they are registered ops with fake kernels already, and the Python
     # custom-op wrapper around them cost a quarter of the CPU kernel's time with ~100 tensors. The Python
     # backends (triton, torch) need the custom op so that torch.compile sees one opaque node.
     if backend == "ext":
-        return _forward(teacher, student, scale, backend, with_grad)
-    return fused_cosine_distill(teacher, student, scale, backend, with_grad)
+        return _forward(teacher, student, weight, backend, with_grad)
+    return fused_cosine_distill(teacher, student, weight, backend, with_grad)
 
 
-def _run_backward(grad, teacher, student, stats, scale, backend):
+def _run_backward(grad, teacher, student, stats, weight, backend):
     if backend == "ext":
-        return _EXT.backward(grad, teacher, student, stats, scale)
-    return fused_cosine_distill_backward(grad, teacher, student, stats, scale, backend)
+        return _EXT.backward(grad, teacher, student, stats, weight)
+    return fused_cosine_distill_backward(grad, teacher, student, stats, weight, backend)
 
 
 class _CosineDistill(torch.autograd.Function):
@@ -171,11 +171,11 @@ class _CosineDistill(torch.autograd.Function):
     engine tracks half as many inputs. torch.compile traces this Function whole."""
 
     @staticmethod
-    def forward(ctx, scale: float, backend: str, teacher: list[Tensor], *student: Tensor) -> Tensor:
+    def forward(ctx, weight: float, backend: str, teacher: list[Tensor], *student: Tensor) -> Tensor:
         student = list(student)
         with_grad = any(ctx.needs_input_grad[3:])
-        loss, stats, dstudent = _run_forward(teacher, student, scale, backend, with_grad)
-        ctx.scale, ctx.backend, ctx.m, ctx.grads_saved = scale, backend, len(teacher), bool(dstudent)
+        loss, stats, dstudent = _run_forward(teacher, student, weight, backend, with_grad)
+        ctx.weight, ctx.backend, ctx.m, ctx.grads_saved = weight, backend, len(teacher), bool(dstudent)
         ctx.save_for_backward(*(dstudent if dstudent else (*teacher, *student, stats)))
         return loss
 
@@ -183,7 +183,7 @@ class _CosineDistill(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         saved, m = ctx.saved_tensors, ctx.m
         if not ctx.grads_saved:
-            dstudent = _run_backward(grad, list(saved[:m]), list(saved[m:-1]), saved[-1], ctx.scale, ctx.backend)
+            dstudent = _run_backward(grad, list(saved[:m]), list(saved[m:-1]), saved[-1], ctx.weight, ctx.backend)
         elif not torch.compiler.is_compiling() and grad.device.type == "cpu" and grad.item() == 1.0:
             dstudent = saved  # the usual case: the loss enters a sum, so the forward's gradients are final
         else:
@@ -192,7 +192,7 @@ class _CosineDistill(torch.autograd.Function):
 
 
 def cosine_distill(
-    teacher: list[Tensor], student: list[Tensor], scale: float, backend: str, checked: bool = False
+    teacher: list[Tensor], student: list[Tensor], weight: float, backend: str, checked: bool = False
 ) -> Tensor:
     """The fused loss through ``backend`` (``triton``, ``ext`` or ``torch``): a 0-dim acc tensor.
 
@@ -208,7 +208,7 @@ def cosine_distill(
     # the kernels read rows of contiguous maps; CBAM's maps already are, so this is usually a no-op
     if not all(m.is_contiguous() for m in (*teacher, *student)):
         teacher, student = [t.contiguous() for t in teacher], [s.contiguous() for s in student]
-    return _CosineDistill.apply(float(scale), backend, teacher, *student)
+    return _CosineDistill.apply(float(weight), backend, teacher, *student)
 
 
 def check_maps(teacher: list[Tensor], student: list[Tensor], names: list[str] | None = None) -> None:

@@ -64,8 +64,8 @@ ASKD_CPU_CLONES void row_grad(const scalar_t* t, const scalar_t* s, scalar_t* ds
 
 // d loss / d s of row i for upstream gradient g: ds = ct * t + cs * s
 template <typename acc_t>
-inline void grad_coefficients(const acc_t* st, double g, double scale, int64_t B, acc_t* ct, acc_t* cs) {
-  const acc_t coef = static_cast<acc_t>(-g * scale / static_cast<double>(B));
+inline void grad_coefficients(const acc_t* st, double g, double weight, int64_t B, acc_t* ct, acc_t* cs) {
+  const acc_t coef = static_cast<acc_t>(-g * weight / static_cast<double>(B));
   acc_t n;
   cosine(st, &n);
   // d cos / d s = t/n - dot/(n |s|^2) s above the clamp, t/eps below it (the clamp has no gradient). A NaN n
@@ -75,22 +75,22 @@ inline void grad_coefficients(const acc_t* st, double g, double scale, int64_t B
   *cs = big ? -coef * st[0] / (n * st[2]) : acc_t(0);
 }
 
-// scale * sum_j mean_b (1 - cos), summed in a fixed order
+// weight * sum_j mean_b (1 - cos), summed in a fixed order
 template <typename acc_t>
-acc_t loss_from_stats(const acc_t* st, int64_t M, int64_t B, double scale) {
+acc_t loss_from_stats(const acc_t* st, int64_t M, int64_t B, double weight) {
   acc_t total = 0;
   for (int64_t j = 0; j < M; ++j) {
     acc_t per_map = 0, n;
     for (int64_t b = 0; b < B; ++b) per_map += acc_t(1) - cosine(st + 3 * (j * B + b), &n);
     total += per_map / static_cast<acc_t>(B);
   }
-  return static_cast<acc_t>(scale) * total;
+  return static_cast<acc_t>(weight) * total;
 }
 
 // Forward over all (map, sample) rows; with `grads` non-empty, each row's gradient is written right after its
 // statistics, while the row is still in cache.
 std::tuple<Tensor, Tensor> forward_rows(const std::vector<Tensor>& teacher, const std::vector<Tensor>& student,
-                                        double scale, std::vector<Tensor>& grads) {
+                                        double weight, std::vector<Tensor>& grads) {
   const int64_t M = static_cast<int64_t>(student.size()), B = student[0].size(0);
   const auto acc = student[0].options().dtype(acc_type(student[0].scalar_type()));
   Tensor stats = at::empty({M, B, 3}, acc);
@@ -108,29 +108,29 @@ std::tuple<Tensor, Tensor> forward_rows(const std::vector<Tensor>& teacher, cons
         row_stats(t, s, D, st + 3 * r);
         if (!grads.empty()) {
           acc_t ct, cs;
-          grad_coefficients(st + 3 * r, 1.0, scale, B, &ct, &cs);
+          grad_coefficients(st + 3 * r, 1.0, weight, B, &ct, &cs);
           row_grad(t, s, grads[j].mutable_data_ptr<scalar_t>() + b * D, D, ct, cs);
         }
       }
     });
-    loss.fill_(loss_from_stats(st, M, B, scale));
+    loss.fill_(loss_from_stats(st, M, B, weight));
   });
   return {loss, stats};
 }
 
 std::tuple<Tensor, Tensor> cosine_distill_forward_cpu(at::TensorList teacher_in, at::TensorList student_in,
-                                                      double scale) {
+                                                      double weight) {
   constexpr const char* op = "askd::cosine_distill_forward";
   check_distill_maps(teacher_in, student_in, op);
   TORCH_CHECK(student_in[0].device().is_cpu(), op, ": maps must be CPU tensors here, got ",
               student_in[0].device().str());
   std::vector<Tensor> no_grads;
-  return forward_rows(contiguous(teacher_in), contiguous(student_in), scale, no_grads);
+  return forward_rows(contiguous(teacher_in), contiguous(student_in), weight, no_grads);
 }
 
 std::tuple<Tensor, Tensor, std::vector<Tensor>> cosine_distill_forward_grad_cpu(at::TensorList teacher_in,
                                                                                at::TensorList student_in,
-                                                                               double scale) {
+                                                                               double weight) {
   constexpr const char* op = "askd::cosine_distill_forward_grad";
   check_distill_maps(teacher_in, student_in, op);
   TORCH_CHECK(student_in[0].device().is_cpu(), op, ": maps must be CPU tensors here, got ",
@@ -139,12 +139,12 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> cosine_distill_forward_grad_cpu(
   std::vector<Tensor> grads;
   grads.reserve(student.size());
   for (const auto& s : student) grads.push_back(at::empty_like(s));
-  auto [loss, stats] = forward_rows(contiguous(teacher_in), student, scale, grads);
+  auto [loss, stats] = forward_rows(contiguous(teacher_in), student, weight, grads);
   return {loss, stats, grads};
 }
 
 std::vector<Tensor> cosine_distill_backward_cpu(const Tensor& grad, at::TensorList teacher_in,
-                                                at::TensorList student_in, const Tensor& stats_in, double scale) {
+                                                at::TensorList student_in, const Tensor& stats_in, double weight) {
   constexpr const char* op = "askd::cosine_distill_backward";
   check_distill_maps(teacher_in, student_in, op);
   TORCH_CHECK(student_in[0].device().is_cpu(), op, ": maps must be CPU tensors here, got ",
@@ -174,7 +174,7 @@ std::vector<Tensor> cosine_distill_backward_cpu(const Tensor& grad, at::TensorLi
         const scalar_t* s = student[j].const_data_ptr<scalar_t>() + b * D;
         scalar_t* ds = out[j].mutable_data_ptr<scalar_t>() + b * D;
         acc_t ct, cs;
-        grad_coefficients(st + 3 * r, g, scale, B, &ct, &cs);
+        grad_coefficients(st + 3 * r, g, weight, B, &ct, &cs);
         row_grad(t, s, ds, D, ct, cs);
       }
     });

@@ -1,6 +1,6 @@
 // CUDA kernels of askd::cosine_distill_forward and askd::cosine_distill_backward. The contract is written out in
 // PyTorch in askd/ops/cosine_distill.py: map j of M maps is B rows of D_j values; per (j, b) the statistics
-// (dot(t,s), |t|^2, |s|^2) in acc, cos = dot / max(|t||s|, 1e-8), loss = scale * sum_j mean_b (1 - cos).
+// (dot(t,s), |t|^2, |s|^2) in acc, cos = dot / max(|t||s|, 1e-8), loss = weight * sum_j mean_b (1 - cos).
 //
 // All maps go in one launch (the multi-tensor-apply pattern): a table of {teacher, student, grad, D} per map,
 // passed by value as a kernel argument when it fits (up to kArgMaps maps, under the 4 KiB parameter limit), else
@@ -87,11 +87,11 @@ __global__ void __launch_bounds__(kThreads) distill_stats_kernel(const Table tab
   }
 }
 
-// One block of 256 threads: loss = scale * (sum_{j,b} (1 - cos[j,b])) / B from the (M*B, 3) statistics, a
-// fixed-order sum (deterministic). Equals scale * sum_j mean_b (1 - cos) since every map has the same B.
+// One block of 256 threads: loss = weight * (sum_{j,b} (1 - cos[j,b])) / B from the (M*B, 3) statistics, a
+// fixed-order sum (deterministic). Equals weight * sum_j mean_b (1 - cos) since every map has the same B.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    distill_loss_kernel(const acc_t* stats, int64_t rows, int64_t B, double scale, acc_t* loss) {
+    distill_loss_kernel(const acc_t* stats, int64_t rows, int64_t B, double weight, acc_t* loss) {
   acc_t v[1] = {acc_t(0)};
   for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
     const acc_t* st = stats + r * 3;
@@ -99,15 +99,15 @@ __global__ void __launch_bounds__(kThreads)
     v[0] += acc_t(1) - st[0] / clamp_min(n, eps<acc_t>());
   }
   block_sum<kThreads>(v);
-  if (threadIdx.x == 0) *loss = static_cast<acc_t>(scale) * (v[0] / static_cast<acc_t>(B));
+  if (threadIdx.x == 0) *loss = static_cast<acc_t>(weight) * (v[0] / static_cast<acc_t>(B));
 }
 
 // Grid (B, M), 256 threads: block (b, j) writes row b of d student j, elementwise in acc:
-//   n = |t||s| > eps or NaN:  ds = -grad*scale/B * (t / n - dot / max(n |s|^2, eps) * s)
-//   otherwise:                ds = -grad*scale/B * t / eps
+//   n = |t||s| > eps or NaN:  ds = -grad*weight/B * (t / n - dot / max(n |s|^2, eps) * s)
+//   otherwise:                ds = -grad*weight/B * t / eps
 template <typename scalar_t, typename acc_t, typename Table>
 __global__ void __launch_bounds__(kThreads)
-    distill_grad_kernel(const Table table, int64_t B, const acc_t* stats, const acc_t* grad, double scale) {
+    distill_grad_kernel(const Table table, int64_t B, const acc_t* stats, const acc_t* grad, double weight) {
   const int64_t b = blockIdx.x, j = blockIdx.y;
   const MapEntry e = table[j];
   const scalar_t* t = static_cast<const scalar_t*>(e.t) + b * e.d;
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t* st = stats + (j * B + b) * 3;
   const acc_t dot = st[0], ss = st[2];
   const acc_t n = dev_sqrt(st[1]) * dev_sqrt(ss);
-  const acc_t coef = -grad[0] * static_cast<acc_t>(scale) / static_cast<acc_t>(B);
+  const acc_t coef = -grad[0] * static_cast<acc_t>(weight) / static_cast<acc_t>(B);
   // a NaN n (a NaN anywhere in the row) takes the first branch: the whole row's gradient is NaN, as in PyTorch
   const bool big = !(n <= eps<acc_t>());
   const acc_t ratio = dot / clamp_min(n * ss, eps<acc_t>());
@@ -173,7 +173,7 @@ void check_cuda_maps(at::TensorList teacher, at::TensorList student, const char*
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_distill_forward_cuda(at::TensorList teacher, at::TensorList student,
-                                                               double scale) {
+                                                               double weight) {
   constexpr const char* op = "askd::cosine_distill_forward";
   check_cuda_maps(teacher, student, op);
   const c10::cuda::CUDAGuard guard(student[0].device());
@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_distill_forward_cuda(at::TensorList te
                                                                                              stats.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    distill_loss_kernel<acc_t><<<1, kThreads, 0, stream>>>(stats.data_ptr<acc_t>(), M * B, B, scale,
+    distill_loss_kernel<acc_t><<<1, kThreads, 0, stream>>>(stats.data_ptr<acc_t>(), M * B, B, weight,
                                                            loss.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_distill_forward_cuda(at::TensorList te
 
 std::vector<at::Tensor> cosine_distill_backward_cuda(const at::Tensor& grad_in, at::TensorList teacher,
                                                      at::TensorList student, const at::Tensor& stats_in,
-                                                     double scale) {
+                                                     double weight) {
   constexpr const char* op = "askd::cosine_distill_backward";
   check_cuda_maps(teacher, student, op);
   const auto M = static_cast<int64_t>(student.size()), B = student[0].size(0);
@@ -230,7 +230,7 @@ std::vector<at::Tensor> cosine_distill_backward_cuda(const at::Tensor& grad_in, 
       using Table = std::decay_t<decltype(table)>;
       distill_grad_kernel<scalar_t, acc_t, Table>
           <<<dim3(static_cast<unsigned>(B), static_cast<unsigned>(M)), kThreads, 0, stream>>>(
-              table, B, stats.data_ptr<acc_t>(), grad.data_ptr<acc_t>(), scale);
+              table, B, stats.data_ptr<acc_t>(), grad.data_ptr<acc_t>(), weight);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

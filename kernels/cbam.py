@@ -165,6 +165,16 @@ def _cbam_dxc(dy, g_s, dp_mean, dp_max, is_smax, C):
 
 
 @triton.jit
+def _spatial_side(g_s_ptr, dpooled_ptr, idx_s_ptr, b, ps, p_ok, P):
+    """What the spatial gate hands back for pixels ps of sample b: g_s, both halves of dpooled, idx_s."""
+    g_s = tl.load(g_s_ptr + b * P + ps, mask=p_ok, other=0.0)
+    dp_mean = tl.load(dpooled_ptr + b * 2 * P + ps, mask=p_ok, other=0.0)
+    dp_max = tl.load(dpooled_ptr + b * 2 * P + P + ps, mask=p_ok, other=0.0)
+    smax = tl.load(idx_s_ptr + b * P + ps, mask=p_ok, other=-1)
+    return g_s, dp_mean, dp_max, smax
+
+
+@triton.jit
 def _cbam_chan_grad_kernel(
     dy_ptr, x_ptr, g_s_ptr, dpooled_ptr, idx_s_ptr, dg_c_ptr, C, P, sb, sc, sp,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -180,10 +190,7 @@ def _cbam_chan_grad_kernel(
         p_ok = ps < P
         ok = c_ok[:, None] & p_ok[None, :]
         offs = rows + ps.to(tl.int64)[None, :] * sp
-        g_s = tl.load(g_s_ptr + b * P + ps, mask=p_ok, other=0.0)
-        dp_mean = tl.load(dpooled_ptr + b * 2 * P + ps, mask=p_ok, other=0.0)
-        dp_max = tl.load(dpooled_ptr + b * 2 * P + P + ps, mask=p_ok, other=0.0)
-        smax = tl.load(idx_s_ptr + b * P + ps, mask=p_ok, other=-1)
+        g_s, dp_mean, dp_max, smax = _spatial_side(g_s_ptr, dpooled_ptr, idx_s_ptr, b, ps, p_ok, P)
         dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(ACC)
         v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC)
         dxc = _cbam_dxc(dy, g_s, dp_mean, dp_max, cs[:, None] == smax[None, :], C)
@@ -203,10 +210,7 @@ def _cbam_dx_kernel(
     c_ok, p_ok = cs < C, ps < P
     ok = c_ok[:, None] & p_ok[None, :]
     offs = b * sb + cs.to(tl.int64)[:, None] * sc + ps.to(tl.int64)[None, :] * sp
-    g_s = tl.load(g_s_ptr + b * P + ps, mask=p_ok, other=0.0)
-    dp_mean = tl.load(dpooled_ptr + b * 2 * P + ps, mask=p_ok, other=0.0)
-    dp_max = tl.load(dpooled_ptr + b * 2 * P + P + ps, mask=p_ok, other=0.0)
-    smax = tl.load(idx_s_ptr + b * P + ps, mask=p_ok, other=-1)
+    g_s, dp_mean, dp_max, smax = _spatial_side(g_s_ptr, dpooled_ptr, idx_s_ptr, b, ps, p_ok, P)
     g_c = tl.load(g_c_ptr + b * C + cs, mask=c_ok, other=0.0)
     dc_mean = tl.load(dchan_ptr + b * 2 * C + cs, mask=c_ok, other=0.0)
     dc_max = tl.load(dchan_ptr + b * 2 * C + C + cs, mask=c_ok, other=0.0)

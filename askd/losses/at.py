@@ -61,13 +61,11 @@ class AT(Weighted):
 
 
 @register
-class ATCos(Weighted):
-    """``at_cos_weight * at_cos_loss`` (config key ``at_cos_weight``, 5 as A-SKD's weight)."""
+class ATCos(AT):
+    """``at_cos_weight * at_cos_loss`` (config key ``at_cos_weight``, 5 as A-SKD's weight); AT's inputs."""
 
-    name = "at_cos"
-    needs = frozenset({"teacher", "stages"})
-    paper = "AT* of the A-SKD paper (Table 3): AT maps with the cosine distance"
-    weight_key = "at_cos_weight"
+    name, paper = "at_cos", "AT* of the A-SKD paper (Table 3): AT maps with the cosine distance"
+    weight_key, weight_factor = "at_cos_weight", 1.0
 
     def loss(self, out: Outputs) -> torch.Tensor:
         return at_cos_loss(out.teacher_stages, out.student_stages)

@@ -1,31 +1,41 @@
-"""CBAM against a reference written out in the test: values, maps, gradients, memory format, odd sizes."""
+"""The CBAM module against its op's formula (askd.ops.cbam.cbam_ref) and a case worked by hand: values, maps,
+gradients, memory format, odd sizes."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from askd.nn import CBAM
+from askd.ops.cbam import cbam_ref
 
 
 def reference(x, w1, w2, ws, kind):
-    """CBAM written out: w1 (hidden,C), w2 (C,hidden), ws (1,2,k,k); returns (y, channel_map, spatial_map)."""
-    avg = x.mean(dim=(2, 3))  # (B,C)
-    mx = x.amax(dim=(2, 3))  # (B,C)
-
-    def mlp(v):
-        return torch.relu(v @ w1.t()) @ w2.t()
-
-    a_c = mlp(avg) + mlp(mx)  # (B,C)
-    x_c = x * torch.sigmoid(a_c)[:, :, None, None]
-    pooled = torch.stack([x_c.mean(dim=1), x_c.amax(dim=1)], dim=1)  # (B,2,H,W)
-    k = ws.shape[-1]
-    a_s = F.conv2d(pooled, ws, padding=k // 2)  # (B,1,H,W)
-    y = x_c * torch.sigmoid(a_s)
+    """The op's formula (:func:`askd.ops.cbam.cbam_ref`, ws (1,2,k,k) here as the module holds it) with the maps
+    of ``kind``: the module must wire its weights and its ``maps`` option to it."""
+    y, a_c, a_s = cbam_ref(x, w1, w2, ws[0])
     if kind == "sigmoid":
         return y, torch.sigmoid(a_c), torch.sigmoid(a_s)
     return y, a_c, a_s
+
+
+def test_formula_on_a_case_worked_by_hand():
+    """C = 1, w1 = w2 = 1, a zero spatial conv: a_c = relu(c) + relu(c) = 2c for a constant c > 0, so
+    y = c * sigmoid(2c) * sigmoid(0) everywhere; the reference, and the module on its weights, give exactly that."""
+    m = CBAM(1, reduction=1, spatial_kernel=3).double()
+    with torch.no_grad():
+        m.mlp[0].weight.fill_(1.0)
+        m.mlp[2].weight.fill_(1.0)
+        m.spatial.weight.zero_()
+    c = 0.75
+    x = torch.full((2, 1, 3, 4), c, dtype=torch.float64)
+    want_y = c * (1 / (1 + math.exp(-2 * c))) * 0.5
+    for y, a_c, a_s in (m(x), reference(x, *weights_of(m), "logits")):
+        torch.testing.assert_close(y, torch.full_like(x, want_y), rtol=1e-14, atol=0)
+        torch.testing.assert_close(a_c, torch.full((2, 1), 2 * c, dtype=torch.float64), rtol=1e-14, atol=0)
+        assert (a_s == 0).all()
 
 
 def weights_of(m: CBAM, requires_grad: bool = False):

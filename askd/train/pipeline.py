@@ -47,6 +47,9 @@ def load_frozen(path: Path, cfg: Config, arch: str, device: torch.device) -> Fro
     model, ckpt = load_model(path, device, backend=cfg.kernel_backend(), expect=expect)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if "head" not in ckpt or "num_classes" not in ckpt:
+        # e.g. the authors' network converted without its margin: the student phase runs the teacher's head
+        raise CheckpointError(f"{path}: no ArcFace head in this checkpoint (python -m askd.convert takes --margin)")
     head = ArcFace(cfg.embedding_size, ckpt["num_classes"], cfg.arcface_s, cfg.arcface_m).to(device)
     head.load_state_dict(ckpt["head"])
     return freeze(model, head)

@@ -94,6 +94,7 @@ BLOCK = (
     ("shortcut.", "shortcut_layer."),
 )
 
+
 class ConvertError(RuntimeError):
     """A file that is not what the conversion needs: unreadable, of another layout, or of another model."""
 

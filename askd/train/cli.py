@@ -27,6 +27,8 @@ FLAGS = {
 # the flags of keys since renamed (askd.config.RENAMED_KEYS) stay as plain synonyms: scripts and docs use them
 OLD_FLAGS = {"phases": ("--stage",), "low_res_size": ("--lr-size",)}
 SWITCHES = ("channels_last", "compile", "fused", "resume")
+# the errors of bad input: one line on stderr and exit status 2 (askd.experiment ends the same way)
+ERRORS = (ConfigError, CheckpointError, DataError, RunFolderError, runlock.RunLockError)
 DESCRIPTION = "HR teacher -> frozen -> one LR student per method -> evaluation (A-SKD and the paper's baselines)."
 
 
@@ -37,30 +39,43 @@ def methods_help() -> str:
     return "methods (--method, join with + to add their losses; aliases: " + aliases + "):\n" + "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> Config:
-    """Command line -> resolved Config (see the module docstring for the precedence)."""
-    p = argparse.ArgumentParser(prog="python -m askd.train", description=DESCRIPTION, epilog=methods_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add the flags of config keys (:data:`FLAGS`, :data:`SWITCHES`), ``--config`` and ``--set`` to ``p``, less
+    the keys in ``skip`` (a caller that sets those keys itself, as ``askd.experiment`` does ``scale``)."""
     for name, kind in FLAGS.items():
-        spellings = ("--" + name.replace("_", "-"), *OLD_FLAGS.get(name, ()))
-        p.add_argument(*spellings, type=kind, default=None, help=f"config key {name}")
+        if name not in skip:
+            spellings = ("--" + name.replace("_", "-"), *OLD_FLAGS.get(name, ()))
+            p.add_argument(*spellings, type=kind, default=None, help=f"config key {name}")
     for name in SWITCHES:
-        p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=f"set {name}=true")
+        if name not in skip:
+            p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=f"set {name}=true")
     p.add_argument("--config", help="TOML file of config keys, or a preset: official_ir50, paper_ir50")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
-    args = p.parse_args(argv)
-    flags = {k: v for k in (*FLAGS, *SWITCHES) if (v := getattr(args, k)) is not None}
+
+
+def config_from(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """Parsed flags of :func:`add_config_flags` -> resolved Config over ``base`` (default ``Config()``); see the
+    module docstring for the precedence."""
+    flags = {k: v for k in (*FLAGS, *SWITCHES) if (v := getattr(args, k, None)) is not None}
 
     def resolve(base: Config) -> Config:
         cfg = apply(base, load_toml(resolve_config(args.config)), args.config) if args.config else base
         return apply(apply(cfg, flags, "command line"), parse_set(args.set), "--set")
 
-    cfg = resolve(Config())
+    cfg = resolve(base or Config())
     saved = Path(cfg.out) / "config.toml"
     if cfg.resume and saved.is_file():
         # a resumed run starts from the config it was started with; what is given now still overrides it
         cfg = resolve(apply(Config(), load_toml(saved), str(saved)))
     return cfg
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    """Command line -> resolved Config (see the module docstring for the precedence)."""
+    p = argparse.ArgumentParser(prog="python -m askd.train", description=DESCRIPTION, epilog=methods_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p)
+    return config_from(p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("default", category=DeprecationWarning, module=r"askd\.")
             cfg = parse_args(argv)
         run(cfg)
-    except (ConfigError, CheckpointError, DataError, RunFolderError, runlock.RunLockError) as e:
+    except ERRORS as e:
         print(f"askd.train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

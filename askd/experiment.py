@@ -39,7 +39,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from tqdm import tqdm
 from . import runlock
 from .atomic import replacing
 from .config import CHOICES, Config, ConfigError, apply, load_toml
-from .train.cli import ERRORS, add_config_flags, config_from, methods_help
+from .train.cli import add_config_flags, config_from, methods_help, run_cli
 from .train.pipeline import run
 
 # the paper's comparisons as grids: Table 1 (methods x resolutions) and Table 3 (the attention ablation at 8x).
@@ -364,19 +363,7 @@ def write_events(folder: Path, writer_cls: type) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        with warnings.catch_warnings():
-            # as askd.train: the user of an old config key should see its DeprecationWarning
-            warnings.filterwarnings("default", category=DeprecationWarning, module=r"askd\.")
-            grid = parse_args(argv)
-        run_grid(grid)
-    except ERRORS as e:
-        print(f"askd.experiment: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("askd.experiment: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli("askd.experiment", parse_args, run_grid, "run the same command again to continue", argv)
 
 
 if __name__ == "__main__":

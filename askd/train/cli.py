@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import runlock
@@ -78,19 +79,25 @@ def parse_args(argv: list[str] | None) -> Config:
     return config_from(p.parse_args(argv))
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_cli(prog: str, parse: Callable, execute: Callable, resume_hint: str, argv: list[str] | None) -> int:
+    """``execute(parse(argv))`` with the exit statuses of askd's commands: 2 and one line on stderr for bad input
+    (:data:`ERRORS`), 130 when interrupted (with ``resume_hint``), else 0."""
     try:
         with warnings.catch_warnings():
             # Python hides a DeprecationWarning not raised in __main__; the user of an old config key should see it
             warnings.filterwarnings("default", category=DeprecationWarning, module=r"askd\.")
-            cfg = parse_args(argv)
-        run(cfg)
+            parsed = parse(argv)
+        execute(parsed)
     except ERRORS as e:
-        print(f"askd.train: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("askd.train: interrupted; continue with --resume", file=sys.stderr)
+        print(f"{prog}: interrupted; {resume_hint}", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("askd.train", parse_args, run, "continue with --resume", argv)
 
 

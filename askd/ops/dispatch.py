@@ -14,9 +14,10 @@ from types import ModuleType, SimpleNamespace
 import torch
 
 from .. import _ext
+from ..backend import BACKENDS as NAMES
 from ..backend import FUSED_OPS
 
-BACKENDS = ("triton", "ext", "torch")
+BACKENDS = tuple(name for name in NAMES if name != "auto")  # what an op runs; auto resolves to one of them
 PARTS = ("forward", "backward", "forward_grad")
 
 

@@ -1,5 +1,9 @@
 """Checkpoints: written atomically (temp file, fsync, rename), read back with clear errors.
 
+A phase's checkpoint is ``checkpoint.pt``, its newest. With ``keep_checkpoints`` K > 1 the last K are also kept
+as ``checkpoint-<step>.pt`` (``checkpoint.pt`` is a hard link to the newest of them), and a resume falls back
+to an older one when the newest does not load (:func:`load_newest`).
+
 A checkpoint is a dict: ``model``, ``head`` (state dicts), ``optimizer``, ``scheduler``, ``scaler``,
 ``epoch`` (completed epochs), ``step`` (completed optimiser steps), ``rng`` (torch CPU/CUDA generator
 states), ``config`` (the resolved config as a dict), ``role`` ("teacher", "assistant" or "student"; before
@@ -11,6 +15,9 @@ early with a message instead of a state-dict mismatch.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,67 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save ``obj`` to ``path`` so that a crash leaves either the old file or the new one."""
     with replacing(path) as tmp:
         torch.save(obj, tmp)
+
+
+def numbered(path: str | Path, step: int) -> Path:
+    """``.../checkpoint.pt`` -> ``.../checkpoint-00001200.pt``: the checkpoint of optimiser step ``step``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-{step:08d}{path.suffix}")
+
+
+def kept(path: str | Path) -> list[Path]:
+    """The numbered checkpoints beside ``path`` (see :func:`numbered`), newest (highest step) first."""
+    path = Path(path)
+    found = []
+    for p in path.parent.glob(f"{path.stem}-*{path.suffix}"):
+        step = p.name[len(path.stem) + 1: len(p.name) - len(path.suffix)]
+        if step.isdigit():
+            found.append((int(step), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_checkpoint(obj: Any, path: str | Path, step: int, keep: int = 1) -> None:
+    """Write ``obj`` as ``path``, atomically. With ``keep`` > 1 it is written as ``numbered(path, step)`` and
+    ``path`` is replaced by a hard link to it (a copy where the filesystem has none), and only the newest
+    ``keep`` numbered files stay; with ``keep`` 1 no numbered file stays."""
+    path = Path(path)
+    if keep > 1:
+        step_file = numbered(path, step)
+        save_atomic(obj, step_file)
+        with replacing(path) as tmp:
+            tmp.unlink()
+            try:
+                os.link(step_file, tmp)
+            except OSError:
+                shutil.copyfile(step_file, tmp)
+    else:
+        save_atomic(obj, path)
+    for old in kept(path)[keep if keep > 1 else 0:]:
+        old.unlink(missing_ok=True)
+
+
+def remove_checkpoints(path: str | Path) -> None:
+    """Delete ``path`` and its numbered checkpoints (a phase started afresh)."""
+    for p in (Path(path), *kept(path)):
+        p.unlink(missing_ok=True)
+
+
+def load_newest(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """The newest checkpoint of ``path`` that loads, and its file: ``path`` itself, else the numbered ones,
+    newest first. A file that does not load is named on stderr with the reason before the next older one is
+    tried; CheckpointError naming every file and reason when none loads."""
+    candidates = [p for p in (Path(path), *kept(path)) if p.is_file()]
+    if not candidates:
+        raise CheckpointError(f"checkpoint not found: {path}")
+    failures = []
+    for i, p in enumerate(candidates):
+        try:
+            return load(p), p
+        except CheckpointError as e:
+            failures.append(str(e))
+            if i + 1 < len(candidates):
+                print(f"askd: {e}; trying the older {candidates[i + 1].name}", file=sys.stderr)
+    raise CheckpointError("no checkpoint loads: " + "; ".join(failures))
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -85,14 +153,20 @@ def describe_role(ckpt: dict[str, Any]) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """The generator states a resumed run must restore to continue bit-exactly (dropout draws)."""
+    """The generator states a resumed run must restore to continue bit-exactly (dropout draws): the CPU's and
+    the current CUDA device's. Every process of a run draws the same (askd.nn.dropout), so rank 0's states
+    fit any process of any world size."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every device's state; this process's device's
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)

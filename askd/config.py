@@ -89,7 +89,12 @@ class Config:
     out: str = "runs/askd"  # run folder
     log_every: int = 10  # steps between metrics-log lines
     checkpoint_every: int = 0  # steps between checkpoints when > 0 (always at each epoch end)
-    resume: bool = False  # continue from the run folder's checkpoints
+    keep_checkpoints: int = 1  # checkpoints kept per model: the newest; K > 1 keeps the last K (checkpoint-<step>.pt)
+    resume: bool = False  # continue from the run folder's newest checkpoints that load
+    max_bad_steps: int = 20  # stop after this many steps in a row with a non-finite loss (each one is skipped)
+    # --- many processes (under torchrun; README "Many GPUs, many nodes"); batch_size stays the global batch ---
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm), not each process's share
+    ddp_bucket_mb: float = 25.0  # DistributedDataParallel's gradient bucket size in MiB
 
     def low_res_side(self) -> int:
         """The LR (low-resolution) image side in px."""
@@ -241,10 +246,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"config key 'low_res_size': got {cfg.low_res_size}, expected 3..112 px (or 0 to use scale)"
         )
-    positive = ("epochs", "batch_size", "embedding_size", "synthetic_identities", "synthetic_samples", "eval_pairs")
+    positive = ("epochs", "batch_size", "embedding_size", "synthetic_identities", "synthetic_samples", "eval_pairs",
+                "keep_checkpoints", "max_bad_steps")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config key {key!r}: got {getattr(cfg, key)}, expected >= 1")
+    if not cfg.ddp_bucket_mb > 0:
+        raise ConfigError(f"config key 'ddp_bucket_mb': got {cfg.ddp_bucket_mb}, expected > 0")
     if cfg.eval_every < 0:
         raise ConfigError(f"config key 'eval_every': got {cfg.eval_every}, expected >= 0 (0: only at the end)")
     if not 0.0 < cfg.eval_fraction < 1.0:

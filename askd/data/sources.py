@@ -10,7 +10,8 @@ for any source.
 
 Batches are a pure function of (seed, epoch, position), so a resumed run sees the same batches as an
 uninterrupted one: the epoch's permutation comes from a generator seeded with (seed, epoch), the last
-partial batch is dropped (BatchNorm needs B > 1).
+partial batch is dropped (BatchNorm needs B > 1). Under torchrun each process takes its share of every
+global batch, so the global order does not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -145,9 +146,13 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tenso
     return perm[: steps * batch_size].view(steps, batch_size)
 
 
-def iterate_batches(data: TrainData, cfg, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(images uint8 (B,3,112,112), labels int64 (B,))`` of ``epoch`` from batch ``start`` on."""
-    batches = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)[start:]
+def iterate_batches(
+    data: TrainData, cfg, epoch: int, start: int = 0, share: slice = slice(None)
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(images uint8 (b,3,112,112), labels int64 (b,))`` of ``epoch`` from batch ``start`` on: the rows
+    ``share`` of each global batch of ``cfg.batch_size`` (one process of many takes its own share, see
+    askd.distributed.World.share), all of it by default."""
+    batches = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)[start:, share]
     if isinstance(data.train, SyntheticFaces):
         # rendering a whole batch at once is ~3x faster than item by item, and needs no workers
         per = data.train.samples_per_identity

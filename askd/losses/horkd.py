@@ -20,7 +20,9 @@ Choices the paper leaves open, made here:
   (eq. 6) of the training set up to flips, since the teacher is frozen. They are updated with the batch before
   its loss, without gradient, so a sample's own class always has a centre. Classes not seen yet (a NaN row in
   ``centres``) are left out of LC.
-The teacher side is detached.
+The teacher side is detached. Under torchrun the centres are updated with the global batch in every process,
+while the four terms compare the samples of each process's share, as RKD's (any DDP run of a batch-relational
+loss without gathering the embeddings does the same).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..distributed import all_gather_cat
 from .checks import check_pair, compute_dtype
 from .registry import Method, Outputs, register
 from .rkd import MIN_SQ_DIST, rkd_angle, rkd_distance
@@ -48,20 +51,27 @@ def centre_term(teacher_emb: torch.Tensor, student_emb: torch.Tensor, centres: t
     return F.smooth_l1_loss(ds / ds.mean(), dt / dt.mean())
 
 
+def check_labels(labels: torch.Tensor, num_classes: int, emb: torch.Tensor) -> None:
+    """Labels (B,) int in [0, num_classes) on emb's device; a ValueError saying what is wrong otherwise."""
+    if not isinstance(labels, torch.Tensor) or labels.shape != emb.shape[:1] or labels.dtype not in (torch.int32,
+                                                                                                      torch.int64):
+        got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"horkd_loss: labels must be int (B={emb.shape[0]},), got {got}")
+    if labels.device != emb.device:
+        raise ValueError(f"horkd_loss: labels on {labels.device}, embeddings on {emb.device}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"horkd_loss: labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+
+
 def check_centres(labels: torch.Tensor, centres: torch.Tensor, emb: torch.Tensor) -> None:
     """Labels (B,) int in [0, C) whose centres are known; centres (C,E) floating point on emb's device."""
-    if centres.dim() != 2 or centres.shape[1] != emb.shape[1] or not centres.is_floating_point():
-        raise ValueError(f"horkd_loss: centres must be floating (C,E={emb.shape[1]}), got {tuple(centres.shape)} "
-                         f"{centres.dtype}")
-    if labels.shape != emb.shape[:1] or labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"horkd_loss: labels must be int (B={emb.shape[0]},), got {tuple(labels.shape)} {labels.dtype}"
-        )
-    if labels.device != emb.device or centres.device != emb.device:
-        raise ValueError(f"horkd_loss: labels on {labels.device}, centres on {centres.device}, embeddings on "
-                         f"{emb.device}")
-    if labels.min() < 0 or labels.max() >= len(centres):
-        raise ValueError(f"horkd_loss: labels must lie in [0, {len(centres)}), got {labels.min()}..{labels.max()}")
+    if (not isinstance(centres, torch.Tensor) or centres.dim() != 2 or centres.shape[1] != emb.shape[1]
+            or not centres.is_floating_point()):
+        got = f"{tuple(centres.shape)} {centres.dtype}" if isinstance(centres, torch.Tensor) else type(centres).__name__
+        raise ValueError(f"horkd_loss: centres must be floating (C,E={emb.shape[1]}), got {got}")
+    check_labels(labels, len(centres), emb)
+    if centres.device != emb.device:
+        raise ValueError(f"horkd_loss: centres on {centres.device}, embeddings on {emb.device}")
     if not torch.isfinite(centres[labels]).all():
         raise ValueError("horkd_loss: a sample's own class has no centre yet; update the centres with the batch first")
 
@@ -101,8 +111,11 @@ class ClassCentres(torch.nn.Module):
 
     @torch.no_grad()
     def update(self, emb: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch of teacher embeddings (B,E) of classes ``labels`` (B,)."""
-        self.sums.index_add_(0, labels, emb.detach().to(self.sums.dtype))
+        """Add a batch of teacher embeddings (B,E) of classes ``labels`` (B,). Under torchrun, every process
+        adds the whole global batch (its processes' shares in rank order), so the centres stay the same in
+        each and equal to a single process's."""
+        emb, labels = all_gather_cat(emb.detach()), all_gather_cat(labels)
+        self.sums.index_add_(0, labels, emb.to(self.sums.dtype))
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=self.counts.dtype))
 
     def means(self) -> torch.Tensor:
@@ -126,6 +139,12 @@ class HORKD(Method):
         self.centres = ClassCentres(num_classes, cfg.embedding_size)
 
     def forward(self, out: Outputs) -> dict[str, torch.Tensor]:
+        # the batch is checked before the centres take it in: a bad one must not stay in the method's state
+        check_pair("horkd_loss", out.teacher_emb, out.student_emb, ndim=2, min_batch=2)
+        check_labels(out.labels, len(self.centres.counts), out.student_emb)
+        if not torch.isfinite(out.teacher_emb).all():
+            raise ValueError("horkd: the teacher's embeddings hold NaN or inf; the class centres would keep them "
+                             "for the rest of the run")
         self.centres.update(out.teacher_emb, out.labels)
         terms = horkd_terms(out.teacher_emb, out.student_emb, out.labels, self.centres.means())
         names = ("horkd_l1", "horkd_distance", "horkd_angle", "horkd_centre")

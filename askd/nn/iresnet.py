@@ -11,7 +11,8 @@ Block (authors' ``BottleNeck_IR_CBAM``):
     res = BN -> conv3x3(stride 1) -> BN -> PReLU -> conv3x3(stride s) -> BN -> CBAM
     out = shortcut(x) + res        shortcut = conv1x1(stride s) + BN in a stage's first block, else identity
 No activation after the add. Stem conv3x3(3->w0) + BN + PReLU, no max-pool; every stage starts with
-stride 2 (112 -> 56 -> 28 -> 14 -> 7). Head BN2d -> Dropout -> Flatten -> Linear(C*7*7 -> E) -> BN1d.
+stride 2 (112 -> 56 -> 28 -> 14 -> 7). Head BN2d -> Dropout -> Flatten -> Linear(C*7*7 -> E) -> BN1d; the
+dropout is :class:`~askd.nn.dropout.ShareDropout`, nn.Dropout in one process and the same draws in many.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cbam import CBAM
+from .dropout import ShareDropout
 
 Maps = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -115,7 +117,7 @@ class IResNetCBAM(nn.Module):
         side = input_size // 16
         self.head = nn.Sequential(
             nn.BatchNorm2d(widths[-1]),
-            nn.Dropout(dropout),
+            ShareDropout(dropout),
             nn.Flatten(),
             nn.Linear(widths[-1] * side * side, embedding_size),
             nn.BatchNorm1d(embedding_size),

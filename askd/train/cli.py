@@ -1,7 +1,8 @@
 """The command line of ``python -m askd.train``: flags and files -> one resolved Config -> the pipeline.
 
 Precedence: defaults < (with --resume: the run folder's config.toml) < --config < flags < --set. Exit status
-2 with one line on stderr for bad input, found before anything is written; 130 when interrupted.
+2 with one line on stderr for bad input, found before anything is written; 3 when the loss stayed non-finite
+(``max_bad_steps``); 130 when interrupted. Under ``torchrun`` the same command runs in every process.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import runlock
+from .. import distributed, runlock
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, apply, load_toml, parse_set, resolve_config
 from ..data.sources import DataError
 from ..losses import registry
+from .fit import TrainingDiverged
 from .pipeline import RunFolderError, run
 
 # command-line flags that are shorthands for config keys
@@ -81,7 +83,8 @@ def parse_args(argv: list[str] | None) -> Config:
 
 def run_cli(prog: str, parse: Callable, execute: Callable, resume_hint: str, argv: list[str] | None) -> int:
     """``execute(parse(argv))`` with the exit statuses of askd's commands: 2 and one line on stderr for bad input
-    (:data:`ERRORS`), 130 when interrupted (with ``resume_hint``), else 0."""
+    (:data:`ERRORS`), 3 when training diverged (:class:`TrainingDiverged`), 130 when interrupted (with
+    ``resume_hint``), else 0. The process group of a torchrun launch ends with the command."""
     try:
         with warnings.catch_warnings():
             # Python hides a DeprecationWarning not raised in __main__; the user of an old config key should see it
@@ -91,9 +94,14 @@ def run_cli(prog: str, parse: Callable, execute: Callable, resume_hint: str, arg
     except ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {resume_hint}", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
     return 0
 
 

@@ -8,21 +8,29 @@ the per-block Pearson correlation of teacher (HR) and student (LR) maps.
 
 A run folder is used by one run at a time (``askd.runlock``). One that holds checkpoints is continued only
 with ``--resume``; a new run there is refused, as is ``--resume`` of a folder with nothing to resume.
+
+Under torchrun (README "Many GPUs, many nodes") every process runs this pipeline; rank 0 alone holds the lock
+and writes the config, logs, checkpoints and results (the run folder must be on a filesystem every node
+sees: the others read the checkpoints between phases and on resume). A group that torchrun restarts after a
+failure resumes from the last checkpoints without ``--resume``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from .. import backend, runlock
+from .. import backend, distributed, runlock
 from ..atomic import replacing
 from ..checkpoint import CheckpointError, load_model
-from ..config import Config, to_toml
+from ..config import Config, ConfigError, to_toml
 from ..data.sources import TrainData, build_data
 from ..devices import resolve_device
+from ..distributed import SINGLE, World
 from ..eval.report import evaluate_run, format_table
 from ..losses import build, registry
 from ..nn import ArcFace
@@ -100,27 +108,44 @@ def reused_teacher(cfg: Config, data: TrainData, device: torch.device) -> Frozen
 
 
 def run(cfg: Config) -> dict:
-    """The whole pipeline for a resolved config; returns the results dict (also written to the run folder).
+    """The whole pipeline for a resolved config; returns the results dict (also written to the run folder; {}
+    in the processes other than rank 0).
 
     The run folder, device, data and a reused teacher are checked before anything is written: bad input
     leaves no folder behind and changes no earlier run."""
+    world = distributed.from_env()
+    if cfg.batch_size % world.size:
+        raise ConfigError(f"config key 'batch_size': the global batch {cfg.batch_size} does not split over "
+                          f"{world.size} processes; use a multiple of {world.size}")
+    world, device = distributed.setup(resolve_device(cfg.device))
+    if world.restart and not cfg.resume:
+        # torchrun restarted the group after a worker died: continue from the checkpoints the first attempt left
+        cfg = dataclasses.replace(cfg, resume=True)
     check_run_folder(cfg)
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = build_data(cfg)
     teacher = reused_teacher(cfg, data, device)
+    distributed.barrier()  # every process checked the folder before rank 0 writes into it
     out = Path(cfg.out)
-    with runlock.hold(out):
-        check_run_folder(cfg)  # again under the lock: a run that held it may have written checkpoints since
-        with replacing(out / "config.toml") as tmp:
-            tmp.write_text(to_toml(cfg))
-        print(f"askd: {cfg.arch}/{cfg.variant} on {device}, {data.describe()}, LR {cfg.low_res_side()} px, out {out}")
-        if cfg.fused:
-            print("askd: --fused:", backend.describe_fallback(device))
-        return train_and_evaluate(cfg, data, teacher, device)
+    with runlock.hold(out) if world.main else nullcontext():
+        if world.main:
+            check_run_folder(cfg)  # again under the lock: a run that held it may have written checkpoints since
+            with replacing(out / "config.toml") as tmp:
+                tmp.write_text(to_toml(cfg))
+            print(f"askd: {cfg.arch}/{cfg.variant} on {device}, {data.describe()}, LR {cfg.low_res_side()} px, "
+                  f"out {out}")
+            if world.distributed:
+                print(f"askd: {world.size} processes ({'nccl' if device.type == 'cuda' else 'gloo'}), global batch "
+                      f"{cfg.batch_size} = {world.size} x {cfg.batch_size // world.size}"
+                      + (", SyncBatchNorm" if cfg.sync_bn else "")
+                      + (f"; restart {world.restart}, resuming" if world.restart else ""))
+            if cfg.fused:
+                print("askd: --fused:", backend.describe_fallback(device))
+        return train_and_evaluate(cfg, data, teacher, device, world)
 
 
-def train_student(cfg: Config, spec: str, teacher: Frozen, data: TrainData, device: torch.device) -> tuple:
+def train_student(cfg: Config, spec: str, teacher: Frozen, data: TrainData, device: torch.device,
+                  world: World) -> tuple:
     """One student of method ``spec`` distilled from ``teacher`` (frozen, its forward as the run runs it),
     through an assistant with ``--assistant``; returns (student, assistant or None), frozen."""
     arch, assistant = cfg.assistant or cfg.arch, None
@@ -128,27 +153,30 @@ def train_student(cfg: Config, spec: str, teacher: Frozen, data: TrainData, devi
     if cfg.assistant and method.needs:
         # HORKD's cross-structure phase: the assistant learns from the teacher on HR with the same method
         phase = Phase("assistant", method, arch, *teacher)
-        assistant = load_frozen(fit(cfg, phase, data, device), cfg, arch, device)
+        assistant = load_frozen(fit(cfg, phase, data, device, world), cfg, arch, device)
         teacher = (teacher_forward(cfg, assistant[0]), assistant[1])
         method = build(spec, cfg, data.num_classes)  # a fresh method state for the cross-resolution phase
-    path = fit(cfg, Phase("student", method, arch, *teacher), data, device)
+    path = fit(cfg, Phase("student", method, arch, *teacher), data, device, world)
     return load_frozen(path, cfg, arch, device)[0], assistant and assistant[0]
 
 
-def train_and_evaluate(cfg: Config, data: TrainData, teacher: Frozen | None, device: torch.device) -> dict:
-    """Train the teacher (unless ``teacher`` is given) and the students, evaluate, write the results."""
+def train_and_evaluate(cfg: Config, data: TrainData, teacher: Frozen | None, device: torch.device,
+                       world: World = SINGLE) -> dict:
+    """Train the teacher (unless ``teacher`` is given) and the students; rank 0 evaluates and writes the results."""
     out = Path(cfg.out)
     if teacher is None:
         phase = Phase("teacher", build("base", cfg, data.num_classes), cfg.arch)
-        teacher = load_frozen(fit(cfg, phase, data, device), cfg, cfg.arch, device)
+        teacher = load_frozen(fit(cfg, phase, data, device, world), cfg, cfg.arch, device)
     students, assistants = {}, {}
     if cfg.phases in ("student", "all"):
         runs_as = (teacher_forward(cfg, teacher[0]), teacher[1])
         for spec in cfg.methods():
             name = registry.canonical(spec)
-            students[name], assistant = train_student(cfg, spec, runs_as, data, device)
+            students[name], assistant = train_student(cfg, spec, runs_as, data, device, world)
             if assistant is not None:
                 assistants[name] = assistant
+    if not world.main:
+        return {}
     results = evaluate_run(cfg, data, teacher[0], students, device, assistants)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = format_table(results)

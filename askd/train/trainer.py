@@ -4,7 +4,13 @@ A training step (DESIGN.md section 3): uint8 HR batch -> device, [-1,1], random 
 the LR version for a student -> frozen teacher forward on HR without grad (only when the method uses it) ->
 forward -> ArcFace cross-entropy + the method's loss terms -> SGD step; the learning-rate schedule is
 evaluated per step. The step knows no method names: a method (:mod:`askd.losses`) says what it needs and returns
-its terms.
+its terms. A step whose loss or gradients are not finite changes no weight (fp16: the loss scaler skips
+gradient overflows on its own).
+
+Under torchrun the backbone and head train in DistributedDataParallel, each process on its share of the global
+batch (the frozen teacher stays outside: no gradients, no buckets); ``sync_bn`` converts the BatchNorms to
+SyncBatchNorm, and the head's dropout draws the global batch's mask (askd.nn.dropout), so that N processes
+reproduce one up to floating-point reduction order.
 """
 
 from __future__ import annotations
@@ -15,13 +21,18 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import models
 from ..checkpoint import CheckpointError, rng_state, set_rng_state
 from ..config import Config
 from ..data import degrade
+from ..distributed import SINGLE, World, any_true
 from ..losses import Method, Outputs
 from ..nn import ArcFace
+from ..nn.dropout import set_batch_share
+from ..nn.syncbn import convert_sync_batchnorm
 
 ROLES = ("teacher", "assistant", "student")  # what a phase trains: the inputs are HR, HR and LR
 
@@ -121,6 +132,37 @@ def build_model(cfg: Config, arch: str, num_classes: int, device: torch.device) 
     return model, head
 
 
+class StepModule(nn.Module):
+    """What one step trains, as one module (what DistributedDataParallel wraps): the backbone and the ArcFace
+    head; ``forward(hr, labels)`` is :func:`step_loss`. Methods hold no parameters (HORKD's centres are
+    buffers the method keeps equal across processes itself), so they stay outside."""
+
+    def __init__(self, cfg: Config, phase: Phase, model: nn.Module, head: ArcFace, fwd: Callable | None):
+        super().__init__()
+        self.model, self.head = model, head
+        # not submodules: the phase holds the frozen teacher, and a compiled model shares the model's parameters
+        self.__dict__.update(cfg=cfg, phase=phase, fwd=fwd)
+
+    def forward(self, hr: torch.Tensor, labels: torch.Tensor) -> dict:
+        return step_loss(self.cfg, self.phase, self.model if self.fwd is None else self.fwd, self.head, hr, labels)
+
+
+# DistributedDataParallel settings (bench/ddp.py measured them; README "Many GPUs, many nodes"): the graph of a
+# phase never changes, and gradients written straight into the buckets save one copy of them
+DDP_STATIC_GRAPH = True
+DDP_GRADIENT_AS_BUCKET_VIEW = True
+
+
+def distribute(cfg: Config, module: StepModule, device: torch.device) -> nn.Module:
+    """``module`` in DistributedDataParallel (the process group is up): gradients all-reduced in buckets of
+    ``ddp_bucket_mb``; BatchNorm buffers broadcast from rank 0 unless ``sync_bn`` keeps them equal anyway."""
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cfg.ddp_bucket_mb,
+        forward_sync_buffers=not cfg.sync_bn, gradient_as_bucket_view=DDP_GRADIENT_AS_BUCKET_VIEW,
+        static_graph=DDP_STATIC_GRAPH,
+    )
+
+
 def compile_model(model: torch.nn.Module):
     """torch.compile ``model`` with inductor's defaults."""
     return torch.compile(model)
@@ -136,7 +178,8 @@ def freeze(model: torch.nn.Module, head: ArcFace) -> tuple[torch.nn.Module, ArcF
 @dataclasses.dataclass
 class Trainer:
     """One model's training state: model and ArcFace head, the method (and its state), SGD, the per-step
-    learning-rate schedule, the AMP scaler."""
+    learning-rate schedule, the AMP scaler; ``step_fn`` runs a step's forward (a :class:`StepModule`, in
+    DistributedDataParallel under torchrun) and ``world`` says which process this is."""
 
     cfg: Config
     phase: Phase
@@ -146,21 +189,30 @@ class Trainer:
     sched: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     num_classes: int
+    step_fn: Callable
+    world: World = SINGLE
     step: int = 0
-    fwd: Callable | None = None  # what the forward runs through: the compiled model, or None for the model itself
 
     @classmethod
-    def create(cls, cfg: Config, phase: Phase, num_classes: int, steps_per_epoch: int, device: torch.device) -> Trainer:
-        """A fresh model, head, optimiser and schedule for ``cfg``; the model compiled with ``--compile``."""
+    def create(cls, cfg: Config, phase: Phase, num_classes: int, steps_per_epoch: int, device: torch.device,
+               world: World = SINGLE) -> Trainer:
+        """A fresh model, head, optimiser and schedule for ``cfg``; the model compiled with ``--compile``; in
+        DistributedDataParallel when ``world`` has more than one process."""
         torch.manual_seed(cfg.seed)
         model, head = build_model(cfg, phase.arch, num_classes, device)
+        if world.distributed:
+            set_batch_share(model, world.rank, world.size)
+            if cfg.sync_bn:
+                model = convert_sync_batchnorm(model, device)
         phase.method.to(device)
         params = [*model.parameters(), *head.parameters(), *phase.method.parameters()]
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, steps_per_epoch))
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        fwd = compile_model(model) if cfg.compile else None
-        return cls(cfg, phase, model, head, opt, sched, scaler, num_classes, fwd=fwd)
+        step_fn = StepModule(cfg, phase, model, head, compile_model(model) if cfg.compile else None)
+        if world.distributed:
+            step_fn = distribute(cfg, step_fn, device)
+        return cls(cfg, phase, model, head, opt, sched, scaler, num_classes, step_fn, world)
 
     def state(self, epoch: int) -> dict:
         """The checkpoint dict (see askd.checkpoint)."""
@@ -192,20 +244,34 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
 
-    def train_step(self, hr: torch.Tensor, labels: torch.Tensor) -> dict:
-        """Forward (under autocast when asked), backward, SGD and schedule step; returns the loss terms.
+    def train_step(self, hr: torch.Tensor, labels: torch.Tensor) -> tuple[dict, bool]:
+        """Forward (under autocast when asked), backward, SGD and schedule step; returns the loss terms and
+        whether the weights were updated: not when the loss or the gradients were not finite in any process.
 
-        hr: float (B,3,112,112) in [-1,1] on the device (see :func:`to_input`); labels: int64 (B,)."""
+        hr: float (b,3,112,112) in [-1,1] on the device (see :func:`to_input`); labels: int64 (b,); b is this
+        process's share of the global batch."""
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
         with torch.autocast(hr.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            terms = step_loss(self.cfg, self.phase, self.model if self.fwd is None else self.fwd, self.head, hr, labels)
+            terms = self.step_fn(hr, labels)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
-        self.scaler.step(self.opt)
+        self.scaler.unscale_(self.opt)
+        finite = self.finite(terms["loss"])
+        if finite:
+            self.scaler.step(self.opt)
         self.scaler.update()
         with warnings.catch_warnings():
             # fp16: the scaler skips steps with inf/nan gradients; the schedule still counts them (torch warns)
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.sched.step()
         self.step += 1
-        return terms
+        return terms, finite
+
+    def finite(self, loss: torch.Tensor) -> bool:
+        """Whether this step's loss and gradients are finite in every process (the gradients, all-reduced, are
+        the same in each; the loss is each one's own). With fp16 the scaler checks the gradients itself."""
+        ok = torch.isfinite(loss.detach())
+        if not self.scaler.is_enabled():
+            grads = [p.grad for group in self.opt.param_groups for p in group["params"] if p.grad is not None]
+            ok &= torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        return not any_true(not bool(ok), loss.device)

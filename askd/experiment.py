@@ -28,7 +28,8 @@ defaults (``out = "runs/experiment"``) < preset < grid file < ``--config`` < fla
 The same command continues an interrupted experiment: a run with ``results.json`` is finished and kept, one
 without resumes from its checkpoints; a run folder started with other settings than the grid gives it is
 refused, so that the table never mixes settings. Bad input ends with one line on stderr and exit status 2
-before anything is written; 130 when interrupted.
+before anything is written; 130 when interrupted. Under ``torchrun`` every run of the grid trains on all the
+processes, and rank 0 keeps the folder, the progress bar and the tables.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import runlock
+from . import distributed, runlock
 from .atomic import replacing
 from .config import CHOICES, Config, ConfigError, apply, load_toml
 from .train.cli import add_config_flags, config_from, methods_help, run_cli
@@ -187,6 +188,12 @@ def run_grid(grid: Grid) -> dict:
     runs = grid.runs()
     for r in runs:
         check_settings(r)
+    if not distributed.from_env().main:
+        # under torchrun: train every unfinished run with rank 0, which writes, evaluates and summarises
+        for r in runs:
+            if not (Path(r.cfg.out) / "results.json").is_file():
+                run(dataclasses.replace(r.cfg, resume=started(r)))
+        return {}
     writer = tensorboard_writer()
     if writer is None:
         print("askd.experiment: tensorboard is not installed (pip install askd[tensorboard]): no event files")
@@ -215,11 +222,16 @@ def run_once(r: Run, bar: tqdm) -> dict:
     if (folder / "results.json").is_file():
         bar.write(f"{r.name}: finished earlier, kept")
         return json.loads((folder / "results.json").read_text())
-    started = (folder / "config.toml").is_file() or any(folder.glob("*/checkpoint.pt"))
-    t0 = time.perf_counter()
-    results = run(dataclasses.replace(r.cfg, resume=started))
-    bar.write(f"{r.name}: {headline(results)} ({time.perf_counter() - t0:.0f} s{', resumed' if started else ''})")
+    t0, resume = time.perf_counter(), started(r)
+    results = run(dataclasses.replace(r.cfg, resume=resume))
+    bar.write(f"{r.name}: {headline(results)} ({time.perf_counter() - t0:.0f} s{', resumed' if resume else ''})")
     return results
+
+
+def started(r: Run) -> bool:
+    """Whether run ``r`` was started earlier (its folder has a config or a checkpoint): it resumes."""
+    folder = Path(r.cfg.out)
+    return (folder / "config.toml").is_file() or any(folder.glob("*/checkpoint*.pt"))
 
 
 def headline(results: dict) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,10 +134,12 @@ def test_a_one_process_run_resumes_on_two(one_process, tmp_path):
 
 def test_a_worker_killed_mid_run_is_restarted_and_the_run_continues_exactly(two_processes, tmp_path):
     out = tmp_path / "run"
-    # rank 1 SIGKILLs itself after step 2 of the first attempt; the last checkpoint is step 1's
+    # rank 1 SIGKILLs itself after step 2 of the first attempt
     done = torchrun(*RUN, "--phases", "teacher", "--out", str(out), "--set", "checkpoint_every=1", restarts=1,
                     env={"ASKD_KILL_AT_STEP": "1:2"})
-    assert "restart 1, resuming" in done.stdout and "resuming at step 2 of 3" in done.stdout
+    assert "restart 1, resuming" in done.stdout
+    # from step 2's checkpoint, or step 1's when torchrun stopped rank 0 before it had written step 2's
+    assert re.search(r"resuming at step [12] of 3", done.stdout)
     assert "exitcode: -9" in done.stderr  # the kill, as torchrun saw it
     assert losses(out, "teacher") == losses(two_processes, "teacher")  # bit for bit: the same arithmetic
     assert load(out / "teacher" / "checkpoint.pt")["step"] == 3

@@ -20,8 +20,10 @@ def create(name: str, variant: str = "official", embedding_size: int = 512, **kw
     Extra keywords go to :class:`askd.nn.IResNetCBAM` (``dropout``); ``reduction`` (default: the
     architecture's, 16 for the IR nets) and ``backend`` (see :class:`askd.nn.CBAM`) go to every CBAM.
     """
-    if name not in ARCHS:
+    if not isinstance(name, str) or name not in ARCHS:
         raise ValueError(f"unknown model {name!r}; expected one of {names()}")
+    if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
+        raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
     blocks, widths, reduction = ARCHS[name]
     cbam = dict(
         VARIANTS[check_variant(variant)], reduction=kw.pop("reduction", reduction), backend=kw.pop("backend", None)

@@ -39,6 +39,8 @@ def cbam_mlp_backward(ga_c: Tensor, chan: Tensor, w1: Tensor, w2: Tensor) -> tup
     """Gradient ga_c (B,C) of :func:`cbam_mlp`'s a_c -> dchan (B,2,C), dw1 (R,C), dw2 (C,R), all in ga_c's dtype."""
     _, hidden = cbam_mlp(chan, w1, w2)
     dw2 = ga_c.t() @ hidden.sum(dim=1)
-    dhidden = (ga_c @ w2)[:, None, :] * (hidden > 0)
+    # ReLU's gradient as torch's (threshold_backward): zero where hidden <= 0, even for a NaN or infinite upstream
+    # gradient, which a product with the mask would turn into NaN there; a NaN hidden passes it
+    dhidden = torch.where(hidden <= 0, 0.0, (ga_c @ w2)[:, None, :])
     dw1 = (dhidden.transpose(1, 2) @ chan).sum(dim=0)
     return dhidden @ w1, dw1, dw2

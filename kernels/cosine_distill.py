@@ -12,7 +12,7 @@ tensors passed as arguments to the host.
 Grid (B, M) for both launches: program (b, j) reduces or writes row b of map j in BLOCK chunks. Forward:
 stats[j,b] = (dot, |t|^2, |s|^2) in ACC (float32; float64 for float64 maps); the last program to finish
 (an acq_rel atomic counter) sums the loss over all (j, b) in a fixed order, so the loss is deterministic
-with one launch. Backward: d s = -grad * weight / B * (t / n - dot / max(n |s|^2, eps) * s), n = |t| |s|,
+with one launch. Backward: d s = -grad * weight / B * (t / n - dot / (n |s|^2) * s), n = |t| |s|,
 or -grad * weight / B * t / eps where n <= eps; stored in the maps' dtype. A NaN in a row makes n NaN and so,
 as in PyTorch, that row's whole gradient. B must be > 0: the mean over an empty batch is undefined.
 """
@@ -117,7 +117,8 @@ def _cosine_distill_bwd_kernel(
     # a NaN n (a NaN anywhere in the row) takes the first branch: the whole row's gradient is NaN, as in torch
     big = (n > EPS) | (n != n)
     n = _clamp_min(n, EPS)
-    k = dot / _clamp_min(n * ss, EPS)
+    # n > eps makes |s| > 0, so n |s|^2 needs no clamp (one at eps was wrong for a small |s|: n |s|^2 < eps)
+    k = dot / tl.where(big, n * ss, 1.0)
     coef = -tl.load(grad_ptr) * weight / B
     for start in range(0, d, BLOCK):
         offs = start + tl.arange(0, BLOCK)

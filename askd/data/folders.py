@@ -83,7 +83,9 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")  # L replicates into three channels
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for corrupt, truncated or odd files
+    # PIL's errors for corrupt, truncated or odd files; a bomb error for a header claiming a huge image, which a
+    # single corrupt byte in a stored image's size gives (it derives from Exception, not from any of the others)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {str(path)!r}: {err}") from err
     w, h = rgb.size
     if (w, h) != (size, size):

@@ -27,7 +27,7 @@ import torch
 from .. import backend as backends
 from ..archs import check_variant
 from ..nn.cbam import KINDS, MapPair, check_map_pairs
-from ..ops.cosine_distill import cosine_distill, cosine_distill_ref
+from ..ops.cosine_distill import cosine_distill, cosine_distill_ref, promoted
 from .registry import Method, Outputs, register
 
 
@@ -51,8 +51,9 @@ def attention_distill_loss(
     keep = [KINDS.index(k) for k in kinds]
     per_map = weight / len(keep) if variant == "paper" else weight  # the paper averages a block's kinds
     name = backends.resolve_constant(backend, student_maps[0][0].device.type)
-    teacher = [pair[k] for pair in teacher_maps for k in keep]
-    student = [pair[k] for pair in student_maps for k in keep]
+    # maps of several dtypes are cast to one in every backend: the fused ones need it, the formula follows
+    teacher, student = promoted([pair[k] for pair in teacher_maps for k in keep],
+                                [pair[k] for pair in student_maps for k in keep])
     if name == "torch":
         return cosine_distill_ref(teacher, student, per_map)
     return cosine_distill(teacher, student, per_map, name, checked=True)

@@ -11,17 +11,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import check_pair, compute_dtype
 from .registry import Outputs, Weighted, register
 
 
 def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """Temperature-scaled KL divergence, averaged over the batch; a scalar."""
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"kd_loss: teacher logits {tuple(teacher_logits.shape)} != student logits {tuple(student_logits.shape)}"
-        )
-    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    """Temperature-scaled KL divergence of logits (B,N), averaged over the batch; a scalar, fp32 at least."""
+    check_pair("kd_loss", teacher_logits, student_logits, ndim=2)
+    if not temperature > 0:  # NaN too: T <= 0 flips or breaks the softmax without an error of its own
+        raise ValueError(f"kd_loss: temperature must be > 0, got {temperature}")
+    dtype = compute_dtype(student_logits)
+    t = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
+    s = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
     return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
 
 

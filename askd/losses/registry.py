@@ -30,6 +30,14 @@ from torch import nn
 from ..nn.cbam import MapPair
 
 NEEDS = frozenset({"teacher", "maps", "stages", "teacher_logits"})
+# the Outputs fields a need promises, checked before a method runs (the student's embedding, maps and logits and the
+# labels are always there; the teacher's embedding too after a teacher forward, and the losses that read it check it)
+FIELDS = {
+    "teacher": (),
+    "maps": ("teacher_maps",),
+    "stages": ("teacher_stages", "student_stages"),
+    "teacher_logits": ("teacher_logits",),
+}
 ALIASES = {"askd_kd": "askd+kd"}
 
 
@@ -59,6 +67,14 @@ class Method(nn.Module):
 
     def __init__(self, cfg, num_classes: int):
         super().__init__()
+
+    def __call__(self, out: Outputs) -> dict[str, torch.Tensor]:
+        # a field the method needs but was not given is named here, not met as None deep inside a loss
+        missing = [f for need in sorted(self.needs) for f in FIELDS[need] if getattr(out, f) is None]
+        if missing:
+            raise ValueError(f"method {self.name!r} needs {', '.join(missing)} in its Outputs (its needs: "
+                             f"{sorted(self.needs)}), got None")
+        return super().__call__(out)
 
     def forward(self, out: Outputs) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import backend as backends
 from ..ops.cbam import cbam as cbam_op
-from ..ops.cbam import cbam_ref
+from ..ops.cbam import cbam_ref, check_dtypes, check_x
 from ..ops.cosine_distill import check_maps
 
 MAP_KINDS = ("logits", "sigmoid")
@@ -72,11 +72,17 @@ class CBAM(nn.Module):
         self.spatial = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"CBAM({self.channels}) expects x of shape (B,{self.channels},H,W), got {tuple(x.shape)}")
+        # every backend, torch included, refuses what the fused ones cannot take (an integer x, an empty H or W, x
+        # of another dtype than the weights, also in an empty batch) with the same error, rather than with
+        # whatever error PyTorch meets first, or none
+        who = f"CBAM({self.channels})"
+        check_x(x, who)
+        if x.shape[1] != self.channels:
+            raise ValueError(f"{who} expects x of shape (B,{self.channels},H,W), got {tuple(x.shape)}")
         name = backends.resolve_constant(self.backend, x.device.type)
         k = self.spatial_kernel
         weights = self.mlp[0].weight.flatten(1), self.mlp[2].weight.flatten(1), self.spatial.weight.view(2, k, k)
+        check_dtypes(x, dict(zip(("w1", "w2", "ws"), weights, strict=True)), who)
         y, a_c, a_s = cbam_ref(x, *weights) if name == "torch" else cbam_op(x, *weights, name)
         if self.maps == "sigmoid":
             return y, torch.sigmoid(a_c), torch.sigmoid(a_s)
@@ -91,13 +97,17 @@ def check_map_pairs(teacher_maps: Sequence[MapPair], student_maps: Sequence[MapP
     """Two models' maps, one ``(channel (B,C), spatial (B,1,H,W))`` pair per CBAM block: the same non-zero number
     of blocks, and per map what :func:`askd.ops.cosine_distill.check_maps` asks (shape, batch, device, dtype);
     a ValueError naming the block and the map otherwise."""
+    if not (isinstance(teacher_maps, Sequence) and isinstance(student_maps, Sequence)):
+        raise TypeError(f"expected a list of (channel_map, spatial_map) pairs from each model, got "
+                        f"{type(teacher_maps).__name__} and {type(student_maps).__name__}")
     if len(teacher_maps) != len(student_maps) or not teacher_maps:
         raise ValueError(
             f"teacher and student must give the same non-zero number of CBAM blocks, "
             f"got {len(teacher_maps)} and {len(student_maps)}"
         )
     for i, (tp, sp) in enumerate(zip(teacher_maps, student_maps, strict=True)):
-        if len(tp) != 2 or len(sp) != 2:
+        # a tensor is no Sequence: a (2, B, C) tensor is not read as a pair of maps
+        if not all(isinstance(p, Sequence) and len(p) == 2 for p in (tp, sp)):
             raise ValueError(f"block {i}: expected a (channel_map, spatial_map) pair from each model")
     names = [f"block {i} {kind} map" for i in range(len(student_maps)) for kind in KINDS]
     check_maps([m for pair in teacher_maps for m in pair], [m for pair in student_maps for m in pair], names)

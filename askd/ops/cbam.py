@@ -114,14 +114,16 @@ def cbam_backward_ref(
     dpooled, dws = torch.ops.aten.convolution_backward(
         ga_s, pooled, ws.to(acc)[None], None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, True, False]
     )[:2]
-    at_smax = F.one_hot(idx_s.long(), C).permute(0, 3, 1, 2).to(acc)  # (B,C,H,W): 1 where c == idx_s
-    dxc = dyf * g_s + dpooled[:, :1] / C + at_smax * dpooled[:, 1:]
+    # the max pools' gradients go to their argmax only, as autograd routes them: torch.where, not a product with the
+    # one-hot mask, which would spread a NaN or infinite gradient over every other element as 0 * inf = NaN
+    at_smax = F.one_hot(idx_s.long(), C).permute(0, 3, 1, 2).bool()  # (B,C,H,W): where c == idx_s
+    dxc = dyf * g_s + dpooled[:, :1] / C + torch.where(at_smax, dpooled[:, 1:], 0.0)
     dg_c = (dxc * xf).sum(dim=(2, 3))
     sig = g_c.flatten(1)
     ga_c = da_c + dg_c * sig * (1 - sig)
     dchan, dw1, dw2 = cbam_mlp_backward(ga_c, chan, w1.to(acc), w2.to(acc))
-    at_cmax = F.one_hot(idx_c.long(), H * W).reshape(B, C, H, W).to(acc)
-    dx = dxc * g_c + dchan[:, 0, :, None, None] / (H * W) + at_cmax * dchan[:, 1, :, None, None]
+    at_cmax = F.one_hot(idx_c.long(), H * W).reshape(B, C, H, W).bool()
+    dx = dxc * g_c + dchan[:, 0, :, None, None] / (H * W) + torch.where(at_cmax, dchan[:, 1, :, None, None], 0.0)
     dx = dx.to(x.dtype).contiguous(memory_format=memory_format(x))
     return dx, dw1.to(w1.dtype), dw2.to(w2.dtype), dws[0].to(ws.dtype)
 
@@ -234,29 +236,43 @@ def cbam(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor, backend: str) -> tuple[T
     return _FusedCBAM.apply(x, w1.contiguous(), w2.contiguous(), ws.contiguous(), backend)
 
 
-def check_inputs(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> None:
-    """Raise a ValueError naming the tensor, expected and actual shape, dtype or device on bad input, and where
-    x's dtype does not fit the weights' as PyTorch's CBAM would (:func:`check_dtypes`)."""
+def check_x(x: Tensor, who: str = "fused CBAM") -> None:
+    """Raise a TypeError / ValueError, naming ``who``, unless x is a (B,C,H,W) tensor of a dtype every backend takes
+    with C, H, W > 0 (B = 0 is fine: an empty batch gives empty outputs, as in PyTorch)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who}: x must be a tensor (B,C,H,W), got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"fused CBAM: x must be (B,C,H,W), got shape {tuple(x.shape)}")
+        raise ValueError(f"{who}: x must be (B,C,H,W), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise ValueError(f"fused CBAM: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
+        raise ValueError(f"{who}: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    if x.shape[1] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+        # an empty C, H or W has no max to pool
+        raise ValueError(f"{who}: x must have C, H and W > 0, got shape {tuple(x.shape)}")
+
+
+def check_inputs(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> None:
+    """Raise a ValueError naming the tensor, expected and actual shape, dtype or device on bad input (a TypeError
+    for an argument that is no tensor), and where x's dtype does not fit the weights' as PyTorch's CBAM would
+    (:func:`check_dtypes`)."""
+    weights = {"w1": w1, "w2": w2, "ws": ws}
+    for name, w in weights.items():
+        if not isinstance(w, Tensor):
+            raise TypeError(f"fused CBAM: {name} must be a tensor, got {type(w).__name__}")
+    check_x(x)
     C = x.shape[1]
-    R = w1.shape[0] if w1.dim() == 2 else -1
-    expected = {"w1": (w1, (R, C)), "w2": (w2, (C, R)), "ws": (ws, (2, ws.shape[-1], ws.shape[-1]))}
-    for name, (w, shape) in expected.items():
-        if tuple(w.shape) != shape or R < 1:
+    if w1.dim() != 2 or w1.shape[0] < 1:
+        raise ValueError(f"fused CBAM: w1 must have shape (R,{C}) with R >= 1, got {tuple(w1.shape)}")
+    if ws.dim() != 3 or ws.shape[-1] not in (3, 7):
+        raise ValueError(f"fused CBAM: ws must be (2,3,3) or (2,7,7), got {tuple(ws.shape)}")
+    R, k = w1.shape[0], ws.shape[-1]
+    for name, w, shape in (("w1", w1, (R, C)), ("w2", w2, (C, R)), ("ws", ws, (2, k, k))):
+        if tuple(w.shape) != shape:
             raise ValueError(f"fused CBAM: {name} must have shape {shape} for C={C}, got {tuple(w.shape)}")
         if w.device != x.device:
             raise ValueError(f"fused CBAM: {name} is on {w.device} but x is on {x.device}")
         if not w.is_floating_point():
             raise ValueError(f"fused CBAM: {name} must be floating point, got {w.dtype}")
-    if ws.shape[-1] not in (3, 7):
-        raise ValueError(f"fused CBAM: ws must be (2,3,3) or (2,7,7), got {tuple(ws.shape)}")
-    if x.shape[1] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
-        # B = 0 is fine (an empty batch, empty outputs, as in PyTorch); an empty C, H or W has no max to pool
-        raise ValueError(f"fused CBAM: x must have C, H and W > 0, got shape {tuple(x.shape)}")
-    check_dtypes(x, {"w1": w1, "w2": w2, "ws": ws})
+    check_dtypes(x, weights)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -266,8 +282,14 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def check_dtypes(x: Tensor, weights: dict[str, Tensor]) -> None:
-    """Raise a ValueError where PyTorch's CBAM (:mod:`askd.nn.cbam`, backend torch) raises a dtype mismatch.
+class DtypeMismatch(ValueError, RuntimeError):
+    """x's dtype does not fit the CBAM weights': a ValueError as every input check of the ops, and a RuntimeError
+    as the error PyTorch's own convolutions raise for it (what callers of the plain CBAM module have caught)."""
+
+
+def check_dtypes(x: Tensor, weights: dict[str, Tensor], who: str = "fused CBAM") -> None:
+    """Raise :class:`DtypeMismatch` where PyTorch's CBAM (:mod:`askd.nn.cbam`, backend torch) raises a dtype
+    mismatch, also for an empty batch, which PyTorch's convolutions let through.
 
     Its convolutions need x and each weight in one dtype. Outside autocast that is their own dtype (float64 x
     into a float32 module raises); under autocast it is the dtype autocast hands the convolution: the autocast
@@ -282,7 +304,7 @@ def check_dtypes(x: Tensor, weights: dict[str, Tensor]) -> None:
     for name, w in weights.items():
         if seen(w) != seen(x):
             where = f" under autocast to {cast_to}, which leaves float64 alone" if cast_to is not None else ""
-            raise ValueError(
-                f"fused CBAM: x is {x.dtype} but {name} is {w.dtype}{where}; PyTorch's CBAM raises on this "
+            raise DtypeMismatch(
+                f"{who}: x is {x.dtype} but {name} is {w.dtype}{where}; PyTorch's CBAM raises on this "
                 "mismatch too: cast x to the module's dtype (or the module to x's)"
             )

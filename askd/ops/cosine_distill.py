@@ -71,9 +71,9 @@ def cosine_distill_backward_ref(
         dot, tt, ss = stats[j].unbind(dim=1)
         n = tt.sqrt() * ss.sqrt()
         big = ~(n <= EPS)  # a NaN n takes the first branch: the whole row's gradient is NaN, as in autograd
-        dcos = torch.where(
-            big[:, None], tf / n.clamp_min(EPS)[:, None] - (dot / (n * ss).clamp_min(EPS))[:, None] * sf, tf / EPS
-        )
+        # n > eps makes |s| > 0: n |s|^2 needs no clamp, and one at eps would be wrong for a small |s| (n |s|^2 < eps)
+        ratio = dot / torch.where(big, n * ss, 1.0)
+        dcos = torch.where(big[:, None], tf / n.clamp_min(EPS)[:, None] - ratio[:, None] * sf, tf / EPS)
         out.append((-grad * weight / s.shape[0] * dcos).to(s.dtype).reshape(s.shape))
     return out
 
@@ -201,14 +201,21 @@ def cosine_distill(
     """
     if not checked:
         check_maps(teacher, student)
-    dtypes = {m.dtype for m in (*teacher, *student)}
-    if len(dtypes) > 1:
-        dtype = functools.reduce(torch.promote_types, dtypes)
-        teacher, student = [t.to(dtype) for t in teacher], [s.to(dtype) for s in student]
+    teacher, student = promoted(teacher, student)
     # the kernels read rows of contiguous maps; CBAM's maps already are, so this is usually a no-op
     if not all(m.is_contiguous() for m in (*teacher, *student)):
         teacher, student = [t.contiguous() for t in teacher], [s.contiguous() for s in student]
     return _CosineDistill.apply(float(weight), backend, teacher, *student)
+
+
+def promoted(teacher: list[Tensor], student: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The maps cast to one dtype, the promotion of all of them, where they have several: what every backend
+    computes in, so that each returns the loss in the same dtype (float64 for a float64 teacher and float32 student)."""
+    dtypes = {m.dtype for m in (*teacher, *student)}
+    if len(dtypes) == 1:
+        return teacher, student
+    dtype = functools.reduce(torch.promote_types, dtypes)
+    return [t.to(dtype) for t in teacher], [s.to(dtype) for s in student]
 
 
 def check_maps(teacher: list[Tensor], student: list[Tensor], names: list[str] | None = None) -> None:
@@ -223,12 +230,17 @@ def check_maps(teacher: list[Tensor], student: list[Tensor], names: list[str] | 
             f"distillation loss: need as many teacher as student maps (> 0), got {len(teacher)} and {len(student)}"
         )
     names = names or [f"map {j}" for j in range(len(student))]
-    batch, device = student[0].shape[0] if student[0].dim() else None, student[0].device
+    for name, t, s in zip(names, teacher, student, strict=True):
+        if not (isinstance(t, Tensor) and isinstance(s, Tensor)):
+            raise TypeError(f"{name}: maps must be tensors, got {type(t).__name__} and {type(s).__name__}")
+        if s.dim() < 2:
+            raise ValueError(f"{name}: expected shape (B, ...) with at least 2 dims, got {tuple(s.shape)}")
+    batch, device = student[0].shape[0], student[0].device
     check_batch(batch)
     for name, t, s in zip(names, teacher, student, strict=True):
         if t.shape != s.shape:
             raise ValueError(f"{name}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
-        if s.dim() < 2 or s.shape[0] != batch:
+        if s.shape[0] != batch:
             raise ValueError(f"{name}: expected shape (B={batch}, ...), got {tuple(s.shape)}")
         if t.device != device or s.device != device:
             raise ValueError(f"{name}: teacher on {t.device}, student on {s.device}, expected {device}")

@@ -464,6 +464,15 @@ ASKD_CPU_CLONES void backward_sample(const Batch<scalar_t, acc_t>& t, const scal
   for (int64_t c = 0; c < g.C; ++c) element(c, idx_c[c]);
 }
 
+// The saved argmaxes index the gradient sums and dx here: one out of [0, n) (saved tensors that are not this
+// forward's) would write outside them. One pass over the indices; the CUDA kernels compare indices, never index.
+void check_index_range(const Tensor& idx, int64_t n, const char* op, const char* name, const char* what) {
+  const auto [lo, hi] = at::aminmax(idx);
+  const int64_t min = lo.item<int32_t>(), max = hi.item<int32_t>();
+  TORCH_CHECK(min >= 0 && max < n, op, ": ", name, " must lie in [0, ", what, "=", n, "), got ", min, "..", max,
+              " (the argmaxes cbam_forward saves)");
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> cbam_backward_cpu(
     const Tensor& dy_in, const Tensor& da_c_in, const Tensor& da_s_in, const Tensor& x_in, const Tensor& w1,
     const Tensor& w2, const Tensor& ws, const Tensor& a_c, const Tensor& a_s, const Tensor& chan,
@@ -492,6 +501,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cbam_backward_cpu(
   const Tensor w1a = w1.to(acc).contiguous(), w2a = w2.to(acc).contiguous(), wsa = ws.to(acc).contiguous();
   const Tensor a_cc = a_c.contiguous(), a_sc = a_s.contiguous(), chanc = chan.contiguous();
   const Tensor pooledc = pooled.contiguous(), idx_cc = idx_c.contiguous(), idx_sc = idx_s.contiguous();
+  check_index_range(idx_cc, g.HW, op, "idx_c", "H*W");
+  check_index_range(idx_sc, g.C, op, "idx_s", "C");
   Tensor dx = at::empty_like(x);
   Tensor ga_c = at::empty({B, g.C}, acc), hsum = at::empty({B, g.R}, acc);
   Tensor dz = at::empty({B, 2, g.R}, acc), dws_b = at::empty({B, 2, g.k, g.k}, acc);

@@ -15,10 +15,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/gt.h>
+#include <ATen/ops/le.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/sigmoid.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
@@ -547,7 +548,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_backward_cuda(
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor hidden = at::relu(at::matmul(chan, w1f.t()));
   const at::Tensor dw2 = at::matmul(ga_c.t(), hidden.sum(1));
-  const at::Tensor dhidden = at::matmul(ga_c, w2f).unsqueeze(1).mul(at::gt(hidden, 0).to(acc));
+  // ReLU's gradient as torch's threshold_backward: zero where hidden <= 0 even for a NaN upstream gradient
+  const at::Tensor dhidden = at::where(at::le(hidden, 0), 0, at::matmul(ga_c, w2f).unsqueeze(1));
   const at::Tensor dw1 = at::matmul(dhidden.transpose(1, 2), chan).sum(0);
   const at::Tensor dchan = at::matmul(dhidden, w1f).contiguous();
 

@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Grid (B, M), 256 threads: block (b, j) writes row b of d student j, elementwise in acc:
-//   n = |t||s| > eps or NaN:  ds = -grad*weight/B * (t / n - dot / max(n |s|^2, eps) * s)
+//   n = |t||s| > eps or NaN:  ds = -grad*weight/B * (t / n - dot / (n |s|^2) * s)
 //   otherwise:                ds = -grad*weight/B * t / eps
 template <typename scalar_t, typename acc_t, typename Table>
 __global__ void __launch_bounds__(kThreads)
@@ -119,7 +119,8 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t coef = -grad[0] * static_cast<acc_t>(weight) / static_cast<acc_t>(B);
   // a NaN n (a NaN anywhere in the row) takes the first branch: the whole row's gradient is NaN, as in PyTorch
   const bool big = !(n <= eps<acc_t>());
-  const acc_t ratio = dot / clamp_min(n * ss, eps<acc_t>());
+  // n > eps makes |s| > 0: no clamp on n |s|^2 (one at eps was wrong for a small |s|, n |s|^2 < eps)
+  const acc_t ratio = big ? dot / (n * ss) : acc_t(0);
   for (int64_t i = threadIdx.x; i < e.d; i += kThreads) {
     const acc_t tv = static_cast<acc_t>(t[i]);
     const acc_t dcos = big ? tv / n - ratio * static_cast<acc_t>(s[i]) : tv / eps<acc_t>();

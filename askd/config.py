@@ -11,6 +11,7 @@ takes a preset name (``official_ir50``, ``paper_ir50``): a file of ``configs/``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import warnings
 from dataclasses import dataclass, field
@@ -122,6 +123,9 @@ class Config:
 RENAMED_KEYS = {"stage": "phases", "lr_size": "low_res_size"}
 RENAMED_ATTRS = {**RENAMED_KEYS, "lr_side": "low_res_side"}
 
+# the method weights (distill_weight, at_beta, horkd_alpha, ...): each >= 0
+WEIGHT_SUFFIXES = ("_weight", "_beta", "_alpha", "_gamma")
+
 CHOICES = {
     "arch": tuple(sorted(ARCHS)),
     "variant": tuple(VARIANTS),
@@ -155,7 +159,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise TypeError
         return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"config key {key!r}: expected {kind.__name__}, got {value!r}") from None
 
 
@@ -246,15 +250,25 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"config key 'low_res_size': got {cfg.low_res_size}, expected 3..112 px (or 0 to use scale)"
         )
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {f.name!r}: got {value}, expected a finite number")
     positive = ("epochs", "batch_size", "embedding_size", "synthetic_identities", "synthetic_samples", "eval_pairs",
-                "keep_checkpoints", "max_bad_steps")
+                "keep_checkpoints", "max_bad_steps", "log_every")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config key {key!r}: got {getattr(cfg, key)}, expected >= 1")
-    if not cfg.ddp_bucket_mb > 0:
-        raise ConfigError(f"config key 'ddp_bucket_mb': got {cfg.ddp_bucket_mb}, expected > 0")
-    if cfg.eval_every < 0:
-        raise ConfigError(f"config key 'eval_every': got {cfg.eval_every}, expected >= 0 (0: only at the end)")
+    for key in ("lr", "kd_temperature", "arcface_s", "ddp_bucket_mb"):
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(f"config key {key!r}: got {getattr(cfg, key)}, expected > 0")
+    non_negative = ("workers", "weight_decay", "arcface_m", "checkpoint_every", "eval_every",
+                    *(f.name for f in dataclasses.fields(cfg) if f.name.endswith(WEIGHT_SUFFIXES)))
+    for key in non_negative:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key {key!r}: got {getattr(cfg, key)}, expected >= 0")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"config key 'momentum': got {cfg.momentum}, expected in [0, 1)")
     if not 0.0 < cfg.eval_fraction < 1.0:
         raise ConfigError(f"config key 'eval_fraction': got {cfg.eval_fraction}, expected in (0, 1)")
     if any(not 0.0 < m < 1.0 for m in cfg.milestones):

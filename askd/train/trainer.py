@@ -189,9 +189,13 @@ class Trainer:
     sched: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     num_classes: int
-    step_fn: Callable
+    step_fn: Callable | None = None  # None: the model and head as they are, in one process
     world: World = SINGLE
     step: int = 0
+
+    def __post_init__(self):
+        if self.step_fn is None:
+            self.step_fn = StepModule(self.cfg, self.phase, self.model, self.head, None)
 
     @classmethod
     def create(cls, cfg: Config, phase: Phase, num_classes: int, steps_per_epoch: int, device: torch.device,

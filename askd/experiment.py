@@ -331,18 +331,23 @@ def draw_chart(path: Path, t: dict) -> None:
     rows = [row for row in t["accuracy"] if row["model"].startswith("student ")]
     models, scales = list(dict.fromkeys(r["model"] for r in rows)), list(dict.fromkeys(r["scale"] for r in rows))
     width = 0.8 / len(models)
-    fig, axes = plt.subplots(1, len(t["sets"]), figsize=(2 + 1.5 * len(scales) * len(t["sets"]), 4), squeeze=False)
+    panel = max(1.5 * len(scales), 0.5 * len(models), 3.0)  # inches: room for every bar and the title
+    fig, axes = plt.subplots(1, len(t["sets"]), figsize=(1.5 + panel * len(t["sets"]), 4), squeeze=False)
     for ax, name in zip(axes[0], t["sets"], strict=True):
+        lowest = 100.0
         for i, model in enumerate(models):
             mine = [r for r in rows if r["model"] == model]
             x = [scales.index(r["scale"]) + (i - (len(models) - 1) / 2) * width for r in mine]
             means = [100 * r["accuracy"][name]["mean"] for r in mine]
             errs = [100 * (r["accuracy"][name]["std"] or 0.0) for r in mine]
             ax.bar(x, means, width, yerr=errs, capsize=3, label=short(model))
+            lowest = min(lowest, *(m - e for m, e in zip(means, errs, strict=True)))
+        # the axis starts near the lowest bar, not at 0, so that differences of a point can be seen (it is labelled)
+        ax.set_ylim(bottom=max(0.0, 5 * (lowest // 5) - 5))
         ax.set_xticks(range(len(scales)), [resolution(s) for s in scales])
-        ax.set_title(f"{name}: students on LR, mean ± std over {len(t['seeds'])} seed(s)", fontsize="medium")
+        ax.set_title(f"{name}: students on LR,\nmean ± std over {len(t['seeds'])} seed(s)", fontsize="medium")
         ax.set_ylabel("accuracy (%)")
-    axes[0][0].legend(fontsize="small")
+    axes[0][-1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside, not over, the bars
     fig.tight_layout()
     with replacing(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

@@ -1,11 +1,13 @@
 """askd.train's step in DistributedDataParallel: the DDP settings it uses, and the scaling over processes.
 
-    python -m bench.ddp [--arch ir_tiny_cbam] [--batch 64] [--steps 8] [--nproc 2] [--out FILE.json]
+    python -m bench.ddp [--arch ir_tiny_cbam] [--batch 64] [--steps 8] [--repeat 1] [--nproc 2] [--out FILE.json]
 
 Each set-up is a fresh ``torchrun --standalone --nproc_per_node=N -m bench.ddp --worker ...`` launch that times
 ``Trainer.train_step`` of an A-SKD student (frozen teacher forward on HR, student forward and backward on LR,
 the gradient all-reduce, SGD), with the models built as ``askd.train`` builds them (``--fused``), on one
 global batch of ``--batch`` split over the processes; the median of ``--steps`` steps after 2 warm-up steps.
+With ``--repeat R`` every set-up is launched R times, the set-ups interleaved (a shared machine that slows down
+for a while then slows them all), and its figure is the median of its R launches.
 
 - ``settings``: every combination of ``static_graph`` and ``gradient_as_bucket_view`` at 25 MiB buckets, and
   bucket sizes 1, 5, 100 MiB with askd's choice (:data:`askd.train.trainer.DDP_STATIC_GRAPH`, ...).
@@ -88,6 +90,7 @@ def main() -> None:
     p.add_argument("--arch", default="ir_tiny_cbam")
     p.add_argument("--batch", type=int, default=64, help="the global batch")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=1, help="launches of every set-up, interleaved")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--out", type=Path)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -101,15 +104,22 @@ def main() -> None:
 
     n, ours = args.nproc, (DDP_STATIC_GRAPH, DDP_GRADIENT_AS_BUCKET_VIEW)
     print(f"bench.ddp: {args.arch}, global batch {args.batch}, A-SKD student step, {n} processes (gloo)")
-    settings = [launch(args, n, 1, *s) for s in SETTINGS]
-    one = [launch(args, 1, threads, *ours, 25.0) for threads in (1, n)]
+    setups = [(n, 1, *s) for s in SETTINGS] + [(1, threads, *ours, 25.0) for threads in (1, n)]
+    rounds = [[launch(args, *setup) for setup in setups] for _ in range(args.repeat)]
+    rows = []
+    for i in range(len(setups)):
+        runs = [r[i] for r in rounds]
+        rows.append({**runs[0], "step_s": statistics.median(r["step_s"] for r in runs),
+                     "launches_s": [r["step_s"] for r in runs]})
+    settings, one = rows[:len(SETTINGS)], rows[len(SETTINGS):]
     ddp = next(r for r in settings if (r["static_graph"], r["gradient_as_bucket_view"], r["bucket_mb"]) == (*ours, 25))
     scaling = {"one_process_1_thread_s": one[0]["step_s"], f"one_process_{n}_threads_s": one[1]["step_s"],
                f"{n}_processes_s": ddp["step_s"], "efficiency": one[0]["step_s"] / (n * ddp["step_s"]),
                f"speedup_over_{n}_threads": one[1]["step_s"] / ddp["step_s"]}
     print(json.dumps(scaling, indent=2))
     if args.out:
-        report = {"arch": args.arch, "batch": args.batch, "steps": args.steps, "nproc": n, "settings": settings,
+        report = {"arch": args.arch, "batch": args.batch, "steps": args.steps, "repeat": args.repeat, "nproc": n,
+                  "settings": settings,
                   "one_process": one, "scaling": scaling}
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -147,8 +147,9 @@ class StepModule(nn.Module):
         return step_loss(self.cfg, self.phase, self.model if self.fwd is None else self.fwd, self.head, hr, labels)
 
 
-# DistributedDataParallel settings (bench/ddp.py measured them; README "Many GPUs, many nodes"): the graph of a
-# phase never changes, and gradients written straight into the buckets save one copy of them
+# DistributedDataParallel settings (bench/ddp.py; bench/results/ddp-cpu-epyc-2core.md): on 2 CPU processes neither
+# changed the step beyond the launch-to-launch spread; set because a phase's graph never changes, and gradients
+# written straight into the buckets save one gradient-sized copy
 DDP_STATIC_GRAPH = True
 DDP_GRADIENT_AS_BUCKET_VIEW = True
 

@@ -1,7 +1,12 @@
-"""Neural-network modules of askd: CBAM, the IR-ResNet-CBAM backbones, the ArcFace head."""
+"""Neural-network modules of askd: CBAM, the IR-ResNet-CBAM and ResNet-CBAM backbones, the ArcFace and
+classifier heads."""
 
 from .cbam import CBAM
-from .heads import ArcFace
+from .heads import ArcFace, ClassifierHead
 from .iresnet import IRBlockCBAM, IResNetCBAM
+from .resnet import BasicBlockCBAM, BottleneckCBAM, ResNetCBAM
 
-__all__ = ["CBAM", "ArcFace", "IRBlockCBAM", "IResNetCBAM"]
+__all__ = [
+    "CBAM", "ArcFace", "BasicBlockCBAM", "BottleneckCBAM", "ClassifierHead", "IRBlockCBAM", "IResNetCBAM",
+    "ResNetCBAM",
+]

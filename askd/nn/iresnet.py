@@ -25,6 +25,7 @@ from torch import nn
 
 from .cbam import CBAM
 from .dropout import ShareDropout
+from .inputs import check_images
 
 Maps = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -137,16 +138,7 @@ class IResNetCBAM(nn.Module):
 
     def forward(self, x: torch.Tensor, stages: bool = False):
         """x (B,3,S,S) -> (embedding (B,E), maps), or with ``stages`` (embedding, maps, [4 stage outputs])."""
-        s = self.input_size
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected input a tensor (B,3,{s},{s}), got {type(x).__name__}")
-        if x.dim() != 4 or tuple(x.shape[1:]) != (3, s, s):
-            raise ValueError(f"expected input of shape (B,3,{s},{s}), got {tuple(x.shape)}")
-        weight = self.stem[0].weight
-        if not x.is_floating_point():
-            raise ValueError(f"expected input floating point in [-1,1], got {x.dtype} (images: askd.train.to_input)")
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"expected input of the model's dtype {weight.dtype}, got {x.dtype} (or use autocast)")
+        check_images(x, self.stem[0].weight, side=self.input_size)
         x = self.stem(x)
         maps: Maps = []
         outputs: list[torch.Tensor] = []

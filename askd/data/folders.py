@@ -14,6 +14,9 @@ the longer side is rounded), then centre-crop the longer side to ``size`` (an od
 pixel at the bottom / right). ORL's 92x112 portraits become 112x136, cropped by 12 px top and bottom.
 
 Images are decoded on each ``__getitem__``; callers may use DataLoader workers.
+
+Helpers for other image readers (askd.data.classfolders): ``open_rgb`` (decode to RGB, a DataError naming
+the file for a corrupt image or a decompression bomb), ``image_files`` and ``rgb_tensor``.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ def _root(root: str | Path) -> Path:
     return path
 
 
-def _images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name."""
-    return sorted(f for f in folder.iterdir() if f.suffix.lower() in EXTENSIONS and f.is_file())
+def image_files(folder: Path, extensions: tuple[str, ...] = EXTENSIONS) -> list[Path]:
+    """Files directly inside ``folder`` whose suffix, lower-cased, is one of ``extensions``, sorted by name."""
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in extensions and f.is_file())
 
 
 def list_identities(root: str | Path) -> list[str]:
@@ -56,7 +59,7 @@ def list_identities(root: str | Path) -> list[str]:
     Raises FileNotFoundError when there are none (and when ``root`` is missing).
     """
     path = _root(root)
-    names = sorted(d.name for d in path.iterdir() if d.is_dir() and _images(d))
+    names = sorted(d.name for d in path.iterdir() if d.is_dir() and image_files(d))
     if not names:
         raise FileNotFoundError(f"no images found under {str(path)!r}; expected {LAYOUT}")
     return names
@@ -75,18 +78,26 @@ def split_identities(root: str | Path, fraction: float, setting: str) -> tuple[l
     return names[:-held], names[-held:]
 
 
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image at ``path`` decoded to an RGB PIL image (L replicates into three channels; alpha is dropped).
+
+    Raises a DataError (a ValueError) naming the file when it cannot be decoded, also for a decompression bomb.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    # PIL's errors for corrupt, truncated or odd files; a bomb error for a header claiming a huge image, which a
+    # single corrupt byte in a stored image's size gives (it derives from Exception, not from any of the others)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {str(path)!r}: {err}") from err
+
+
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """uint8 (3, size, size) RGB of the image at ``path`` under the module's resize rule.
 
     Raises a DataError (a ValueError) naming the file when it cannot be decoded.
     """
-    try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")  # L replicates into three channels
-    # PIL's errors for corrupt, truncated or odd files; a bomb error for a header claiming a huge image, which a
-    # single corrupt byte in a stored image's size gives (it derives from Exception, not from any of the others)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {str(path)!r}: {err}") from err
+    rgb = open_rgb(path)
     w, h = rgb.size
     if (w, h) != (size, size):
         scale = size / min(w, h)
@@ -94,6 +105,11 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
         rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
         left, top = (w - size) // 2, (h - size) // 2
         rgb = rgb.crop((left, top, left + size, top + size))
+    return rgb_tensor(rgb)
+
+
+def rgb_tensor(rgb: Image.Image) -> torch.Tensor:
+    """uint8 (3, H, W) of an RGB PIL image."""
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
 
 
@@ -127,7 +143,7 @@ class ImageFolderFaces(Dataset):
         found = list_identities(self.root)
         self.classes = found if identities is None else self._subset(list(identities), found)
         self.num_classes = len(self.classes)
-        self.samples = [(f, label) for label, name in enumerate(self.classes) for f in _images(self.root / name)]
+        self.samples = [(f, label) for label, name in enumerate(self.classes) for f in image_files(self.root / name)]
 
     def _subset(self, names: list[str], found: list[str]) -> list[str]:
         if not names:

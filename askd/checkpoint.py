@@ -10,7 +10,8 @@ states), ``config`` (the resolved config as a dict), ``role`` ("teacher", "assis
 the method registry, a student's method), ``method`` (its spec, ``base`` for the teacher) and
 ``method_state`` (the method's state dict: HORKD's class centres), and
 ``arch``/``variant``/``embedding_size``/``num_classes`` so that a reuse of another architecture fails
-early with a message instead of a state-dict mismatch.
+early with a message instead of a state-dict mismatch; ``task`` (face or classify) and ``model_kwargs`` (what
+``askd.models.create`` needs besides: a classifier's ``num_classes`` and ``stem``).
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def load_model(
         want = ", ".join(f"{k} {v}" for k, v in wrong.items())
         raise CheckpointError(f"checkpoint {path} has {have}, but this run uses {want}")
     try:
-        model = models.create(ckpt["arch"], ckpt["variant"], ckpt["embedding_size"], backend=backend)
+        model = models.create(ckpt["arch"], ckpt["variant"], ckpt["embedding_size"], backend=backend,
+                              **ckpt.get("model_kwargs", {}))
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError, TypeError) as e:  # unknown arch/variant; a state dict of another shape
         # load_state_dict lists every bad key over many lines: one line, cut short, for the error message

@@ -1,7 +1,8 @@
 """The one training configuration: a flat dataclass with commented defaults, TOML files and overrides.
 
-Precedence: defaults < ``--config FILE.toml`` < command-line flags < ``--set key=value``. Unknown keys
-and values of the wrong type are errors; the old names of renamed keys (:data:`RENAMED_KEYS`) still work,
+Precedence: defaults < ``--config FILE.toml`` < command-line flags < ``--set key=value``. Setting ``task`` moves
+the task-dependent keys (:data:`TASK_DEFAULTS`: arch, method, scale) that are still at the other task's defaults.
+Unknown keys and values of the wrong type are errors; the old names of renamed keys (:data:`RENAMED_KEYS`) still work,
 with a DeprecationWarning. The defaults are the CPU demo (tiny model, embedded synthetic
 faces, minutes on a laptop); ``configs/official_ir50.toml`` holds the paper's full recipe. ``--config`` also
 takes a preset name (``official_ir50``, ``paper_ir50``): a file of ``configs/``, shipped in the package as
@@ -20,7 +21,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from .archs import ARCHS, VARIANTS
+from .archs import ARCHS, RESNETS, VARIANTS, names, task_of
 
 
 class ConfigError(ValueError):
@@ -29,10 +30,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
-    # --- model ---
-    arch: str = "ir_tiny_cbam"  # ir18_cbam | ir34_cbam | ir50_cbam | ir100_cbam | ir_tiny_cbam
+    # --- task and model ---
+    # face: face verification, IR-ResNets with ArcFace; classify: LR image classification with ResNet-CBAM and
+    # softmax, top-1/top-5 (the A-SKD paper's section 5.1; README "Beyond faces")
+    task: str = "face"
+    # face: ir18_cbam | ir34_cbam | ir50_cbam | ir100_cbam | ir_tiny_cbam; classify: resnet18_cbam | resnet34_cbam
+    # | resnet50_cbam | resnet101_cbam | resnet_tiny_cbam. With task classify, arch, method and scale default to
+    # TASK_DEFAULTS["classify"] (resnet_tiny_cbam; base,askd+kd,at+kd,rkd+kd; 4)
+    arch: str = "ir_tiny_cbam"
     variant: str = "official"  # official (authors' code) | paper (text of the paper); see DESIGN.md section 2
-    embedding_size: int = 512
+    embedding_size: int = 512  # face: the embedding (classify: the ResNet's own feature width)
     # --- data ---
     data: str = "synthetic"  # "synthetic", an image folder root/<identity>/<image>, or a RecordIO pack folder
     synthetic_identities: int = 100  # training identities of the synthetic set
@@ -47,6 +54,12 @@ class Config:
     scale: int = 8  # LR down-sampling factor: 2 | 4 | 8 (112 -> 56 | 28 | 14 px)
     low_res_size: int = 0  # LR side in px; overrides scale when > 0
     workers: int = 0  # DataLoader worker processes (image folders)
+    # classify: the image side in px the models see; 0: the data's own (32 for CIFAR and the shapes set, 224 for
+    # an ImageNet-style folder tree). face: always 112
+    input_size: int = 0
+    shapes_classes: int = 20  # classify on "synthetic": classes of the procedural shapes set
+    shapes_samples: int = 250  # classify on "synthetic": training images per class
+    shapes_val_samples: int = 50  # classify on "synthetic": validation images per class
     # --- method ---
     phases: str = "all"  # which phases run: teacher | student | all
     # comma list of students, one per method: a name of askd.losses (python -m askd.train --help lists them),
@@ -97,9 +110,16 @@ class Config:
     sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm), not each process's share
     ddp_bucket_mb: float = 25.0  # DistributedDataParallel's gradient bucket size in MiB
 
+    def input_side(self) -> int:
+        """The side in px of the (HR) images the models see: 112 for faces; for classification ``input_size``,
+        or the data's own (:func:`classify_input_side`)."""
+        if self.task == "face":
+            return FACE_SIDE
+        return self.input_size if self.input_size > 0 else classify_input_side(self.data)
+
     def low_res_side(self) -> int:
         """The LR (low-resolution) image side in px."""
-        return self.low_res_size if self.low_res_size > 0 else 112 // self.scale
+        return self.low_res_size if self.low_res_size > 0 else self.input_side() // self.scale
 
     def methods(self) -> list[str]:
         """The students' method specs as given (see :func:`askd.losses.registry.canonical`)."""
@@ -123,11 +143,32 @@ class Config:
 RENAMED_KEYS = {"stage": "phases", "lr_size": "low_res_size"}
 RENAMED_ATTRS = {**RENAMED_KEYS, "lr_side": "low_res_side"}
 
+FACE_SIDE = 112  # the aligned faces of every face model and data source
+# the keys whose defaults depend on the task; a change of task moves those still at the old task's defaults
+TASK_DEFAULTS = {
+    "face": {"arch": "ir_tiny_cbam", "method": "base,askd", "scale": 8},
+    # the paper's Table 4: 4x, every distilled student with logit KD; a small ResNet for the CPU demo
+    "classify": {"arch": "resnet_tiny_cbam", "method": "base,askd+kd,at+kd,rkd+kd", "scale": 4},
+}
+# the datasets of --task classify whose images are 32 px: the shapes set and CIFAR (askd.data.cifar.is_cifar)
+CIFAR_FOLDERS = ("cifar-10-batches-py", "cifar-100-python")
+
+
+def classify_input_side(data: str) -> int:
+    """The image side a classification data source comes at: 32 for the shapes set ("synthetic") and CIFAR, 224
+    for an ImageNet-style folder tree. A path check only (this module imports no torch)."""
+    path = Path(data)
+    if data == "synthetic" or path.name in CIFAR_FOLDERS or any((path / name).is_dir() for name in CIFAR_FOLDERS):
+        return 32
+    return 224
+
+
 # the method weights (distill_weight, at_beta, horkd_alpha, ...): each >= 0
 WEIGHT_SUFFIXES = ("_weight", "_beta", "_alpha", "_gamma")
 
 CHOICES = {
-    "arch": tuple(sorted(ARCHS)),
+    "task": ("face", "classify"),
+    "arch": tuple(names()),
     "variant": tuple(VARIANTS),
     "eval_protocol": ("insightface", "askd"),
     "phases": ("teacher", "student", "all"),
@@ -185,6 +226,11 @@ def apply(cfg: Config, updates: dict[str, Any], source: str) -> Config:
         if key not in fields:
             raise ConfigError(f"{source}: unknown config key {key!r}; known keys: {', '.join(sorted(fields))}")
         changes[key] = _coerce(key, value, getattr(cfg, key))
+    task = changes.get("task", cfg.task)
+    if task != cfg.task and task in TASK_DEFAULTS:
+        # --task classify alone gives a classification run: its defaults replace the face ones not set yet
+        changes.update({k: v for k, v in TASK_DEFAULTS[task].items()
+                        if k not in changes and getattr(cfg, k) == TASK_DEFAULTS[cfg.task][k]})
     return validate(dataclasses.replace(cfg, **changes))
 
 
@@ -243,26 +289,32 @@ def validate(cfg: Config) -> Config:
         value = getattr(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key {key!r}: got {value!r}, expected one of {list(allowed)}")
+    if cfg.assistant and cfg.assistant not in names():
+        raise ConfigError(f"config key 'assistant': got {cfg.assistant!r}, expected '' or one of {names()}")
+    for key in ("arch", "assistant"):
+        arch = getattr(cfg, key)
+        if arch and task_of(arch) != cfg.task:
+            same = [name for name in names() if task_of(name) == cfg.task]
+            raise ConfigError(f"config key {key!r}: {arch} is a model for task {task_of(arch)}, this run's task is "
+                              f"{cfg.task}; expected one of {same}")
     check_methods(cfg)
-    if cfg.assistant and cfg.assistant not in ARCHS:
-        raise ConfigError(f"config key 'assistant': got {cfg.assistant!r}, expected '' or one of {sorted(ARCHS)}")
-    if not 2 < cfg.low_res_side() <= 112:
-        raise ConfigError(
-            f"config key 'low_res_size': got {cfg.low_res_size}, expected 3..112 px (or 0 to use scale)"
-        )
+    if not 2 < cfg.low_res_side() <= cfg.input_side():
+        raise ConfigError(f"config key 'low_res_size': got {cfg.low_res_size}, expected 3..{cfg.input_side()} px "
+                          f"(or 0 to use scale)")
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key {f.name!r}: got {value}, expected a finite number")
     positive = ("epochs", "batch_size", "embedding_size", "synthetic_identities", "synthetic_samples", "eval_pairs",
-                "keep_checkpoints", "max_bad_steps", "log_every")
+                "keep_checkpoints", "max_bad_steps", "log_every", "shapes_classes", "shapes_samples",
+                "shapes_val_samples")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config key {key!r}: got {getattr(cfg, key)}, expected >= 1")
     for key in ("lr", "kd_temperature", "arcface_s", "ddp_bucket_mb"):
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"config key {key!r}: got {getattr(cfg, key)}, expected > 0")
-    non_negative = ("workers", "weight_decay", "arcface_m", "checkpoint_every", "eval_every",
+    non_negative = ("workers", "weight_decay", "arcface_m", "checkpoint_every", "eval_every", "input_size",
                     *(f.name for f in dataclasses.fields(cfg) if f.name.endswith(WEIGHT_SUFFIXES)))
     for key in non_negative:
         if getattr(cfg, key) < 0:
@@ -290,7 +342,13 @@ def check_methods(cfg: Config) -> None:
     twice = sorted({m for m in specs if specs.count(m) > 1})
     if twice:
         raise ConfigError(f"config key 'method': {cfg.method!r} names the student {twice[0]} twice")
-    depth = {name: sum(blocks) for name, (blocks, _, _) in ARCHS.items()}
+    if cfg.task == "classify":
+        sized = [m for m in specs if "horkd" in m.split("+")]
+        if sized:
+            raise ConfigError(f"config key 'method': {sized[0]} is for task face only (its class centres have the "
+                              f"face embedding's size); with task classify use base, kd, at, at_cos, fkd, rkd, askd...")
+    depth = {**{name: sum(blocks) for name, (blocks, _, _) in ARCHS.items()},
+             **{name: sum(blocks) for name, (_, blocks, _, _) in RESNETS.items()}}
     if cfg.assistant in depth and depth[cfg.assistant] != depth[cfg.arch]:
         by_maps = [m for m in specs if "maps" in needs_of(m)]
         if by_maps:

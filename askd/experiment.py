@@ -52,12 +52,15 @@ from .config import CHOICES, Config, ConfigError, apply, load_toml
 from .train.cli import add_config_flags, config_from, methods_help, run_cli
 from .train.pipeline import run
 
-# the paper's comparisons as grids: Table 1 (methods x resolutions) and Table 3 (the attention ablation at 8x).
+# the paper's comparisons as grids: Table 1 (methods x resolutions), Table 3 (the attention ablation at 8x) and
+# Table 4 (image classification at 4x).
 # Here rather than in configs/: those files are --config presets of askd.train, flat config keys, and a grid's
 # scale list is not a config value
 PRESETS = {
     "table1": {"method": "base,fkd,at,horkd,askd,askd+kd", "scale": [2, 4, 8]},
     "table3": {"method": "at,at_cos,askd_sa,askd", "scale": [8]},
+    # Table 4: LR image classification (the paper's section 5.1, 4x ImageNet); every student with logit KD
+    "table4": {"task": "classify", "method": "base,kd,at+kd,rkd+kd,askd+kd", "scale": [4]},
 }
 GRID_KEYS = ("scale", "seeds")
 # config keys the experiment sets for each run (no flags for them here)
@@ -107,7 +110,7 @@ def parse_args(argv: list[str] | None) -> Grid:
     p.add_argument("--scale", dest="scales", metavar="S,S,...", help="comma list of LR scales (2, 4, 8)")
     p.add_argument("--seeds", type=int, metavar="N", help="number of seeds, counted from the config's seed")
     p.add_argument("--grid", metavar="FILE.toml", help="grid file: scale, seeds and config keys")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="the methods and scales of the paper's table 1 or 3")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the methods and scales of the paper's table 1, 3 or 4")
     add_config_flags(p, skip=OWN_KEYS)
     args = p.parse_args(argv)
     base, grid = file_layers(args)
@@ -234,9 +237,15 @@ def started(r: Run) -> bool:
     return (folder / "config.toml").is_file() or any(folder.glob("*/checkpoint*.pt"))
 
 
+def scores(results: dict) -> dict:
+    """{set: {model: {"accuracy", ...}}} of a results dict: a face run's verification sets, or a classification
+    run's "<split> top-1" and "<split> top-5" columns."""
+    return results["verification"] if "verification" in results else results["accuracy"]
+
+
 def headline(results: dict) -> str:
     """The accuracies of a results dict on its first verification set, one line: ``held-out: base 78.3%, ...``."""
-    name, rows = next(iter(results["verification"].items()))
+    name, rows = next(iter(scores(results).items()))
     shown = [(m, r) for m, r in rows.items() if m.startswith("student ")] or list(rows.items())
     return f"{name}: " + ", ".join(f"{short(m)} {100 * r['accuracy']:.1f}%" for m, r in shown)
 
@@ -261,13 +270,13 @@ def summarise(cells: dict[tuple[int, int], dict]) -> dict:
     one row per (scale, student), stats over seeds of the mean over blocks of spatial and channel r."""
     scales = list(dict.fromkeys(s for s, _ in cells))
     first = next(iter(cells.values()))
-    sets = list(first["verification"])
-    models = list(first["verification"][sets[0]])
+    sets = list(scores(first))
+    models = list(scores(first)[sets[0]])
     accuracy, correlation = [], []
     for scale in [None, *scales]:
         runs = [r for (s, _), r in cells.items() if s == (scale or scales[0])]
         for model in [m for m in models if m.endswith("(HR)") == (scale is None)]:
-            per_set = {name: stats([r["verification"][name][model]["accuracy"] for r in runs]) for name in sets}
+            per_set = {name: stats([scores(r)[name][model]["accuracy"] for r in runs]) for name in sets}
             size = runs[0]["low_res_size"] if scale else None
             accuracy.append({"scale": scale, "low_res_size": size, "model": model, "n": len(runs), "accuracy": per_set})
     for scale in scales:
@@ -277,9 +286,11 @@ def summarise(cells: dict[tuple[int, int], dict]) -> dict:
             kinds = {kind: stats([statistics.fmean(b[f"{kind}_r"] for b in per_run) for per_run in blocks])
                      for kind in ("spatial", "channel")}
             correlation.append({"scale": scale, "method": method, "n": len(runs), **kinds})
-    keys = ("arch", "variant", "protocol", "data", "pairs")
-    return {**{k: first[k] for k in keys}, "seeds": list(dict.fromkeys(k for _, k in cells)), "sets": sets,
-            "accuracy": accuracy, "correlation": correlation}
+    keys = ("arch", "variant", "protocol", "data")
+    evaluated = {"pairs": first["pairs"]} if "pairs" in first else {"images": first["images"]}
+    evaluated["input_size"] = first.get("input_size", 112)  # a face run's results do not say: always 112
+    return {**{k: first[k] for k in keys}, **evaluated, "seeds": list(dict.fromkeys(k for _, k in cells)),
+            "sets": sets, "accuracy": accuracy, "correlation": correlation}
 
 
 def cell(s: dict, factor: float = 1.0) -> str:
@@ -288,18 +299,22 @@ def cell(s: dict, factor: float = 1.0) -> str:
     return f"{factor * s['mean']:.2f} ± {std}"
 
 
-def resolution(scale: int | None) -> str:
-    """A row's resolution: ``HR (112 px)`` or ``8x (14 px)``."""
-    return "HR (112 px)" if scale is None else f"{scale}x ({112 // scale} px)"
+def resolution(scale: int | None, side: int = 112) -> str:
+    """A row's resolution for HR images of ``side`` px: ``HR (112 px)`` or ``8x (14 px)``."""
+    return f"HR ({side} px)" if scale is None else f"{scale}x ({side // scale} px)"
 
 
 def format_table(t: dict) -> str:
     """Markdown of table.json's dict: accuracy per resolution and model, then the map correlation."""
-    pairs = ", ".join(f"{name} {n}" for name, n in t["pairs"].items())
-    seeds = ", ".join(str(k) for k in t["seeds"])
+    if "pairs" in t:
+        pairs = ", ".join(f"{name} {n}" for name, n in t["pairs"].items())
+        evaluated = f"verification pairs: {pairs} ({t['protocol']} protocol, 10 folds, flip TTA)"
+    else:
+        evaluated = "validation images: " + ", ".join(f"{name} {n}" for name, n in t["images"].items())
+        evaluated += f" ({t['protocol']})"
+    seeds, side = ", ".join(str(k) for k in t["seeds"]), t.get("input_size", 112)  # older tables: faces, 112
     lines = [
-        f"{t['arch']} / {t['variant']}, data {t['data']}, verification pairs: {pairs} ({t['protocol']} protocol, "
-        f"10 folds, flip TTA); seeds {seeds}",
+        f"{t['arch']} / {t['variant']}, data {t['data']}, {evaluated}; seeds {seeds}",
         "",
         "Accuracy %, mean ± std over seeds (sample std, n-1; - with one seed)",
         "",
@@ -308,12 +323,12 @@ def format_table(t: dict) -> str:
     ]
     for row in t["accuracy"]:
         accs = " | ".join(cell(row["accuracy"][name], 100) for name in t["sets"])
-        lines.append(f"| {resolution(row['scale'])} | {row['model']} | {accs} |")
+        lines.append(f"| {resolution(row['scale'], side)} | {row['model']} | {accs} |")
     if t["correlation"]:
         title = "Pearson r, teacher maps on HR vs student maps on LR, mean over the blocks; mean ± std over seeds"
         lines += ["", title, "", "| resolution | student | spatial | channel |", "|---|---|---|---|"]
-        lines += [f"| {resolution(row['scale'])} | {row['method']} | {cell(row['spatial'])} | {cell(row['channel'])} |"
-                  for row in t["correlation"]]
+        lines += [f"| {resolution(row['scale'], side)} | {row['method']} | {cell(row['spatial'])} | "
+                  f"{cell(row['channel'])} |" for row in t["correlation"]]
     return "\n".join(lines)
 
 
@@ -344,7 +359,7 @@ def draw_chart(path: Path, t: dict) -> None:
             lowest = min(lowest, *(m - e for m, e in zip(means, errs, strict=True)))
         # the axis starts near the lowest bar, not at 0, so that differences of a point can be seen (it is labelled)
         ax.set_ylim(bottom=max(0.0, 5 * (lowest // 5) - 5))
-        ax.set_xticks(range(len(scales)), [resolution(s) for s in scales])
+        ax.set_xticks(range(len(scales)), [resolution(s, t.get("input_size", 112)) for s in scales])
         ax.set_title(f"{name}: students on LR,\nmean ± std over {len(t['seeds'])} seed(s)", fontsize="medium")
         ax.set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside, not over, the bars

@@ -131,14 +131,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_presets_by_name_from_the_package_not_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ here
-    assert sorted(presets()) == ["official_ir50", "paper_ir50"]
+    assert sorted(presets()) == ["imagenet_4x", "official_ir50", "paper_ir50"]
     official, paper = parse_args(["--config", "official_ir50"]), parse_args(["--config", "paper_ir50"])
     assert (official.arch, official.variant, official.eval_protocol) == ("ir50_cbam", "official", "askd")
     assert (paper.variant, paper.eval_protocol) == ("paper", "insightface")
+    imagenet = parse_args(["--config", "imagenet_4x"])  # the A-SKD supplement's ImageNet recipe
+    assert (imagenet.task, imagenet.arch, imagenet.batch_size, imagenet.lr, imagenet.epochs) == \
+        ("classify", "resnet50_cbam", 1024, 0.4, 90)
+    assert (imagenet.input_side(), imagenet.low_res_side(), imagenet.weight_decay) == (224, 56, 1e-4)
     # the package data is the top-level configs/ itself, not a copy that could drift
     assert resolve_config("paper_ir50") == resources.files("askd") / "configs" / "paper_ir50.toml"
     assert resolve_config("paper_ir50").read_bytes() == (REPO / "configs" / "paper_ir50.toml").read_bytes()
-    with pytest.raises(ConfigError, match="no such file and no such preset; presets: official_ir50, paper_ir50"):
+    with pytest.raises(ConfigError, match="no such preset; presets: imagenet_4x, official_ir50, paper_ir50"):
         parse_args(["--config", "official"])
     with pytest.raises(ConfigError, match="config file not found: configs/official_ir50.toml"):
         parse_args(["--config", "configs/official_ir50.toml"])  # a path is a path, from where it is given

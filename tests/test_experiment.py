@@ -1,6 +1,7 @@
 """``python -m askd.experiment`` on the CPU: a tiny grid end to end (runs, tables, chart), an interrupted grid
 continued without training anything twice, the table's arithmetic, TensorBoard optional, bad grids refused."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -10,7 +11,7 @@ import pytest
 from test_train import SMALL
 
 from askd import experiment
-from askd.train import pipeline
+from askd.train import tasks
 
 ONE_STEP = [*SMALL, "--set", "max_steps=1"]
 
@@ -62,6 +63,10 @@ class FakeWriter:
         self.closed = True
 
 
+def _raise(error):
+    raise error
+
+
 def test_an_interrupted_grid_continues_without_training_twice(tmp_path, monkeypatch, capsys):
     out = tmp_path / "grid"
     argv = [*ONE_STEP, "--method", "base", "--scale", "4,8", "--out", str(out)]
@@ -69,7 +74,8 @@ def test_an_interrupted_grid_continues_without_training_twice(tmp_path, monkeypa
 
     def interrupted(cfg):
         if Path(cfg.out).name == "scale8_seed0":  # its student trains, then Ctrl-C before the evaluation
-            monkeypatch.setattr(pipeline, "evaluate_run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+            interrupt = dataclasses.replace(tasks.TASKS["face"], evaluate=lambda *a, **k: _raise(KeyboardInterrupt))
+            monkeypatch.setitem(tasks.TASKS, "face", interrupt)
         return real_run(cfg)
 
     monkeypatch.setattr(experiment, "run", interrupted)

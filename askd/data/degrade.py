@@ -8,6 +8,9 @@ official (authors' ``CASIAWebFace``): nearest down to d x d, nearest up to H x W
 paper (section 3.1): bicubic down to d x d (antialiased, as image-resize tools do), a 5x5 Gaussian blur
     with sigma = 0.75 px at the low resolution (the paper gives none; ours is mild so that the 8x
     image of 14 px keeps its structure), reflect padding, bicubic up to H x W, clamped to each image's input range.
+
+``bicubic(x, size)`` is the LR synthesis of image classification (``--task classify``): the paper path without
+the blur.
 """
 
 from __future__ import annotations
@@ -51,20 +54,39 @@ def low_res_size(scale: int, size: int = 112) -> int:
     return size // scale
 
 
+def check_batch(x: torch.Tensor, size: int, name: str) -> None:
+    """x a float batch (B,C,H,W) and 2 < size <= min(H, W), or a ValueError naming ``name``."""
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"{name} expects a float batch (B,C,H,W), got {tuple(x.shape)} {x.dtype}")
+    if not 2 < size <= min(x.shape[-2:]):
+        raise ValueError(f"{name}: LR size must be in (2, {min(x.shape[-2:])}], got {size}")
+
+
+def bicubic_down(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B,C,H,W) -> (B,C,size,size), antialiased as image-resize tools do."""
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+
+
+def bicubic_up(low_res: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``low_res`` back to ``like``'s size; bicubic overshoots, so each image is kept inside ``like``'s range."""
+    up = F.interpolate(low_res, size=tuple(like.shape[-2:]), mode="bicubic", align_corners=False)
+    return up.clamp(like.amin(dim=(1, 2, 3), keepdim=True), like.amax(dim=(1, 2, 3), keepdim=True))
+
+
+def bicubic(x: torch.Tensor, size: int) -> torch.Tensor:
+    """LR version of ``x`` (B,C,H,W) float for image classification: bicubic down to ``size`` px (antialiased)
+    and bicubic up again, no blur (the common LR classification set-up, e.g. the A-SKD paper's 4x ImageNet and
+    HORKD's 16 px CIFAR-100); (B,C,H,W) in x's dtype."""
+    check_batch(x, size, "bicubic")
+    return bicubic_up(bicubic_down(x, size), x)
+
+
 def degrade(x: torch.Tensor, size: int, variant: str = "official") -> torch.Tensor:
     """LR version of ``x`` (B,C,H,W) float, down to ``size`` px and back; returns (B,C,H,W) in x's dtype."""
     check_variant(variant)
-    if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"degrade expects a float batch (B,C,H,W), got {tuple(x.shape)} {x.dtype}")
-    h, w = x.shape[-2:]
-    if not 2 < size <= min(h, w):
-        raise ValueError(f"degrade: LR size must be in (2, {min(h, w)}], got {size}")
+    check_batch(x, size, "degrade")
     if variant == "official":
         low_res = F.interpolate(x, size=(size, size), mode="nearest")
-        up = F.interpolate(low_res, size=(h, w), mode="nearest")
+        up = F.interpolate(low_res, size=tuple(x.shape[-2:]), mode="nearest")
         return gaussian_blur(up, OFFICIAL_SIGMA)
-    low_res = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    low_res = gaussian_blur(low_res, PAPER_SIGMA)
-    up = F.interpolate(low_res, size=(h, w), mode="bicubic", align_corners=False)
-    # bicubic overshoots; keep each image inside its own input range
-    return up.clamp(x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True))
+    return bicubic_up(gaussian_blur(bicubic_down(x, size), PAPER_SIGMA), x)

@@ -1,4 +1,5 @@
 """Training data for ``askd.train``: the synthetic set, an image folder or a RecordIO pack; verification sets; batches.
+For ``--task classify``: the shapes set, CIFAR or an ImageNet-style tree, and its validation split.
 
 ``build_data(cfg)`` returns a :class:`TrainData`: the training Dataset (items uint8 (3,112,112), int
 label), its identity count, and the verification sets it is evaluated on, each a :class:`PairSet`.
@@ -24,9 +25,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .cifar import SIDE as CIFAR_SIDE
+from .cifar import is_cifar, read_cifar
+from .classfolders import ClassFolders, is_class_folders
 from .folders import DataError, ImageFolderFaces, split_identities
 from .insightface import RecordDataset, pack_paths
 from .pairs import make_pairs
+from .shapes import ShapesDataset
 from .synthetic import SyntheticFaces
 from .verification_bin import pair_indices, read_bin_tensors
 
@@ -58,12 +63,19 @@ class TrainData:
         return steps
 
     def describe(self) -> str:
-        sets = ", ".join(f"{name} ({len(pairs)} pairs)" for name, pairs in self.eval_sets.items())
-        return f"{self.name}: {len(self.train)} training images of {self.num_classes} identities; verification: {sets}"
+        if all(isinstance(pairs, PairSet) for pairs in self.eval_sets.values()):
+            sets = ", ".join(f"{name} ({len(pairs)} pairs)" for name, pairs in self.eval_sets.items())
+            return f"{self.name}: {len(self.train)} training images of {self.num_classes} identities; " \
+                   f"verification: {sets}"
+        sets = ", ".join(f"{name} ({len(images)} images)" for name, images in self.eval_sets.items())
+        return f"{self.name}: {len(self.train)} training images of {self.num_classes} classes; validation: {sets}"
 
 
 def build_data(cfg) -> TrainData:
-    """The training data named by ``cfg.data`` (synthetic, an image folder, a RecordIO pack), with its sets."""
+    """The training data named by ``cfg.data`` (synthetic, an image folder, a RecordIO pack), with its sets; for
+    ``task = "classify"`` a classification source (:func:`classify_data`)."""
+    if cfg.task == "classify":
+        return classify_data(cfg)
     if cfg.data == "synthetic":
         data = _synthetic(cfg)
     elif is_pack(cfg.data):
@@ -139,6 +151,30 @@ def _folder(cfg) -> TrainData:
     return TrainData(train, train.num_classes, held_out(images, labels, cfg), f"image folder {root}")
 
 
+def classify_data(cfg) -> TrainData:
+    """``task = "classify"``: the shapes set ("synthetic"), a CIFAR-10/100 python folder, or an ImageNet-style
+    tree ``train/<class>/*``, ``val/<class>/*``; evaluated on the validation split (CIFAR's test batch)."""
+    side = cfg.input_side()
+    if cfg.data == "synthetic":
+        train = ShapesDataset(cfg.shapes_classes, cfg.shapes_samples, seed=cfg.seed, split="train", size=side)
+        val = ShapesDataset(cfg.shapes_classes, cfg.shapes_val_samples, seed=cfg.seed, split="val", size=side)
+        name = "synthetic shapes"
+    elif is_cifar(cfg.data):
+        if side != CIFAR_SIDE:
+            raise DataError(f"CIFAR images are {CIFAR_SIDE} px; input_size {cfg.input_size} cannot be used with them")
+        cifar = read_cifar(cfg.data, seed=cfg.seed)
+        train, val, name = cifar.train, cifar.test, f"CIFAR-{cifar.train.num_classes} {cfg.data}"
+    elif is_class_folders(cfg.data):
+        tree = ClassFolders(cfg.data, size=side, seed=cfg.seed)
+        train, val, name = tree.train, tree.val, f"image classes {cfg.data}"
+    else:
+        raise DataError(
+            f"--task classify: data {cfg.data!r} is none of 'synthetic' (the shapes set), a CIFAR python folder "
+            f"(cifar-10-batches-py, cifar-100-python) or an ImageNet-style tree with train/<class>/ and val/<class>/"
+        )
+    return TrainData(train, train.num_classes, {"val": val}, name)
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor:
     """Index batches (steps, batch_size) of one epoch: a seeded permutation, last partial batch dropped."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
@@ -159,5 +195,13 @@ def iterate_batches(
         for idx in batches:
             yield data.train.render(idx // per, idx % per), idx // per
         return
-    loader = DataLoader(data.train, batch_sampler=batches.tolist(), num_workers=cfg.workers)
-    yield from loader
+    if isinstance(data.train, ShapesDataset):
+        per = data.train.samples  # the same for the shapes set: item i is sample i % per of class i // per
+        for idx in batches:
+            yield data.train.render(idx // per, idx % per, epoch), idx // per
+        return
+    keys = batches.tolist()
+    if getattr(data.train, "augments", False):
+        # (index, epoch): the dataset draws its augmentation from (seed, epoch, index), in whichever worker
+        keys = [[(i, epoch) for i in batch] for batch in keys]
+    yield from DataLoader(data.train, batch_sampler=keys, num_workers=cfg.workers)

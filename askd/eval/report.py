@@ -26,6 +26,12 @@ def verify_sets(model: torch.nn.Module, sets: dict, protocol: str, transform, de
     return out
 
 
+def verify_accuracies(cfg, model: torch.nn.Module, data, transform, device) -> dict[str, float]:
+    """{set name: accuracy} of the model in training on every verification set (``eval_every``)."""
+    return {name: r["accuracy"] for name, r in verify_sets(model, data.eval_sets, cfg.eval_protocol, transform,
+                                                             device).items()}
+
+
 def evaluate_run(
     cfg, data, teacher: torch.nn.Module, students: dict[str, torch.nn.Module], device,
     assistants: dict[str, torch.nn.Module] | None = None,

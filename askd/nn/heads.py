@@ -1,4 +1,8 @@
-"""ArcFace margin head (Deng et al., CVPR 2019) with the authors' margin rule.
+"""The heads that turn a model's embedding into logits: ArcFace for faces, the classifier's own Linear for
+``--task classify``. Both take ``(embedding, labels)`` and have ``predict(embedding)``: class scores without a
+margin, what the training accuracy is measured on.
+
+ArcFace margin head (Deng et al., CVPR 2019) with the authors' margin rule.
 
     cos_j = <e/|e|, w_j/|w_j|>                                       (B, N)
     phi   = cos(theta + m) = cos*cos(m) - sin*sin(m),   sin = sqrt(1 - cos^2)
@@ -35,6 +39,8 @@ class ArcFace(nn.Module):
         """cos(theta) between normalised embeddings and class weights, fp32, (B,N)."""
         return F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
 
+    predict = cosine
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"ArcFace expects embeddings (B,{self.embedding_size}), got {tuple(embeddings.shape)}")
@@ -51,3 +57,20 @@ class ArcFace(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, s={self.s}, m={self.m}"
+
+
+class ClassifierHead(nn.Module):
+    """The final Linear of a classifier (``model.forward_head``) as a head: features (B,F) -> logits (B,N),
+    labels unused. It holds no parameters of its own (the Linear is the model's, saved and trained with it), so
+    its state dict is empty; ``num_classes`` as ArcFace's."""
+
+    def __init__(self, model: nn.Module, num_classes: int):
+        super().__init__()
+        self.__dict__["model"] = model  # not a submodule: its parameters belong to the model
+        self.num_classes = num_classes
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.forward_head(features)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(features)

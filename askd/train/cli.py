@@ -23,16 +23,17 @@ from .pipeline import RunFolderError, run
 
 # command-line flags that are shorthands for config keys
 FLAGS = {
-    "phases": str, "teacher": str, "variant": str, "scale": int, "low_res_size": int, "data": str, "arch": str,
-    "epochs": int, "batch_size": int, "out": str, "seed": int, "device": str, "amp": str, "method": str,
-    "assistant": str,
+    "task": str, "phases": str, "teacher": str, "variant": str, "scale": int, "low_res_size": int, "data": str,
+    "arch": str, "epochs": int, "batch_size": int, "out": str, "seed": int, "device": str, "amp": str,
+    "method": str, "assistant": str,
 }
 # the flags of keys since renamed (askd.config.RENAMED_KEYS) stay as plain synonyms: scripts and docs use them
 OLD_FLAGS = {"phases": ("--stage",), "low_res_size": ("--lr-size",)}
 SWITCHES = ("channels_last", "compile", "fused", "resume")
 # the errors of bad input: one line on stderr and exit status 2 (askd.experiment ends the same way)
 ERRORS = (ConfigError, CheckpointError, DataError, RunFolderError, runlock.RunLockError)
-DESCRIPTION = "HR teacher -> frozen -> one LR student per method -> evaluation (A-SKD and the paper's baselines)."
+DESCRIPTION = ("HR teacher -> frozen -> one LR student per method -> evaluation (A-SKD and the paper's baselines); "
+               "faces (--task face, the default) or image classification (--task classify).")
 
 
 def methods_help() -> str:

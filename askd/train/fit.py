@@ -24,10 +24,9 @@ from ..atomic import replacing
 from ..checkpoint import kept as numbered_checkpoints
 from ..checkpoint import load_newest, remove_checkpoints, save_checkpoint
 from ..config import Config
-from ..data import degrade
 from ..data.sources import TrainData, iterate_batches
 from ..distributed import SINGLE, World, all_mean, barrier, maybe_fail
-from ..eval.report import verify_sets
+from .tasks import task_of
 from .trainer import Phase, Trainer, random_flips, to_input
 
 
@@ -160,19 +159,19 @@ def log_step(log, phase: Phase, step: int, epoch: int, terms: dict, lr: float, r
 
 
 def log_eval(log, bar, cfg: Config, phase: Phase, t: Trainer, data: TrainData, device: torch.device) -> float:
-    """Verify the model in training on every set of ``data`` (HR for the teacher and the assistant, LR for
-    students) and log it; returns the seconds it took.
+    """Evaluate the model in training on every set of ``data`` (HR for the teacher and the assistant, LR for
+    students; verification for faces, top-1 for classification) and log it; returns the seconds it took.
 
     The model runs in eval mode and goes back to training mode; no random draw is taken, so a run with
     evaluations follows the same path as one without."""
     start = time.perf_counter()
-    side = cfg.low_res_side() if phase.low_res_input else None
-    transform = None if side is None else (lambda x: degrade(x, side, cfg.variant))
-    accs = {name: r["accuracy"] for name, r in verify_sets(t.model, data.eval_sets, cfg.eval_protocol, transform,
-                                                           device).items()}
+    task = task_of(cfg)
+    transform = (lambda x: task.low_res(cfg, x)) if phase.low_res_input else None
+    accs = task.evaluate_sets(cfg, t.model, data, transform, device)
     row = {"phase": phase.dirname, "step": t.step, "eval": {k: round(v, 6) for k, v in accs.items()}}
     log.write(json.dumps(row) + "\n")
     log.flush()
     shown = ", ".join(f"{k} {100 * v:.2f}%" for k, v in accs.items())
-    bar.write(f"[{phase.dirname}] step {t.step}: verification ({'HR' if side is None else f'LR {side} px'}) {shown}")
+    seen = f"LR {cfg.low_res_side()} px" if phase.low_res_input else "HR"
+    bar.write(f"[{phase.dirname}] step {t.step}: {task.eval_name} ({seen}) {shown}")
     return time.perf_counter() - start

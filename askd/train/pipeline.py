@@ -31,13 +31,12 @@ from ..config import Config, ConfigError, to_toml
 from ..data.sources import TrainData, build_data
 from ..devices import resolve_device
 from ..distributed import SINGLE, World
-from ..eval.report import evaluate_run, format_table
 from ..losses import build, registry
-from ..nn import ArcFace
 from .fit import fit
+from .tasks import task_of
 from .trainer import Phase, compile_model, freeze
 
-Frozen = tuple[torch.nn.Module, ArcFace]
+Frozen = tuple[torch.nn.Module, torch.nn.Module]  # a model and its head
 
 
 def teacher_forward(cfg: Config, teacher: torch.nn.Module):
@@ -49,16 +48,18 @@ def teacher_forward(cfg: Config, teacher: torch.nn.Module):
 
 
 def load_frozen(path: Path, cfg: Config, arch: str, device: torch.device) -> Frozen:
-    """Model and ArcFace head of a checkpoint of ``arch`` (and the config's variant and embedding size), frozen,
+    """Model and head of a checkpoint of ``arch`` (and the config's task, variant and embedding size), frozen,
     with the run's kernels and memory format; a checkpoint of anything else ends clearly."""
     expect = {"arch": arch, "variant": cfg.variant, "embedding_size": cfg.embedding_size}
     model, ckpt = load_model(path, device, backend=cfg.kernel_backend(), expect=expect)
+    if ckpt.get("task", "face") != cfg.task:
+        raise CheckpointError(f"checkpoint {path} is of task {ckpt.get('task', 'face')}, this run's is {cfg.task}")
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if "head" not in ckpt or "num_classes" not in ckpt:
         # e.g. the authors' network converted without its margin: the student phase runs the teacher's head
         raise CheckpointError(f"{path}: no ArcFace head in this checkpoint (python -m askd.convert takes --margin)")
-    head = ArcFace(cfg.embedding_size, ckpt["num_classes"], cfg.arcface_s, cfg.arcface_m).to(device)
+    head = task_of(cfg).head(cfg, model, ckpt["num_classes"]).to(device)
     head.load_state_dict(ckpt["head"])
     return freeze(model, head)
 
@@ -102,7 +103,7 @@ def reused_teacher(cfg: Config, data: TrainData, device: torch.device) -> Frozen
     if head.num_classes != data.num_classes and needs_head:
         raise CheckpointError(
             f"teacher {path} has a {head.num_classes}-class head but the data has {data.num_classes} "
-            f"identities; {needs_head[0]} (logit KD) needs the teacher's head for the same identities"
+            f"classes; {needs_head[0]} (logit KD) needs the teacher's head for the same classes"
         )
     return teacher, head
 
@@ -177,9 +178,10 @@ def train_and_evaluate(cfg: Config, data: TrainData, teacher: Frozen | None, dev
                 assistants[name] = assistant
     if not world.main:
         return {}
-    results = evaluate_run(cfg, data, teacher[0], students, device, assistants)
+    task = task_of(cfg)
+    results = task.evaluate(cfg, data, teacher[0], students, device, assistants)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = format_table(results)
+    table = task.format_table(results)
     (out / "results.md").write_text(table + "\n")
     print(table)
     return results

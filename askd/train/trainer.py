@@ -2,10 +2,11 @@
 
 A training step (DESIGN.md section 3): uint8 HR batch -> device, [-1,1], random flip (:func:`to_input`) ->
 the LR version for a student -> frozen teacher forward on HR without grad (only when the method uses it) ->
-forward -> ArcFace cross-entropy + the method's loss terms -> SGD step; the learning-rate schedule is
-evaluated per step. The step knows no method names: a method (:mod:`askd.losses`) says what it needs and returns
-its terms. A step whose loss or gradients are not finite changes no weight (fp16: the loss scaler skips
-gradient overflows on its own).
+forward -> cross-entropy of the head's logits (ArcFace's for faces, the classifier's for ``--task classify``: see
+:mod:`askd.train.tasks`) + the method's loss terms -> SGD step; the learning-rate schedule is evaluated per
+step. The step knows no method names: a method (:mod:`askd.losses`) says what it needs and returns its terms.
+A step whose loss or gradients are not finite changes no weight (fp16: the loss scaler skips gradient
+overflows on its own).
 
 Under torchrun the backbone and head train in DistributedDataParallel, each process on its share of the global
 batch (the frozen teacher stays outside: no gradients, no buckets); ``sync_bn`` converts the BatchNorms to
@@ -24,15 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import models
 from ..checkpoint import CheckpointError, rng_state, set_rng_state
 from ..config import Config
-from ..data import degrade
 from ..distributed import SINGLE, World, any_true
 from ..losses import Method, Outputs
-from ..nn import ArcFace
 from ..nn.dropout import set_batch_share
 from ..nn.syncbn import convert_sync_batchnorm
+from .tasks import task_of
 
 ROLES = ("teacher", "assistant", "student")  # what a phase trains: the inputs are HR, HR and LR
 
@@ -40,12 +39,12 @@ ROLES = ("teacher", "assistant", "student")  # what a phase trains: the inputs a
 def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
     """Multiplier of the base learning rate at optimiser step ``step``: 0.1 per milestone passed.
 
-    Milestones are fractions of training. ``official`` reproduces the authors' scheduler, which is stepped
+    Milestones are fractions of training. ``official`` reproduces the authors' face scheduler, which is stepped
     at the start of every epoch and so lowers the learning rate one epoch (of their 20) earlier than the paper's
-    text: the shift is 1/20 of training, exactly one epoch in the 20-epoch recipe.
+    text: the shift is 1/20 of training, exactly one epoch in the 20-epoch recipe (not for ``--task classify``).
     """
     total = cfg.epochs * steps_per_epoch
-    shift = total / 20 if cfg.variant == "official" else 0
+    shift = total / 20 if cfg.variant == "official" and cfg.task == "face" else 0
     passed = sum(step >= round(m * total) - shift for m in cfg.milestones)
     return 0.1**passed
 
@@ -53,14 +52,14 @@ def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
 @dataclasses.dataclass
 class Phase:
     """One phase of a run: a ``role`` model of architecture ``arch`` trained with ``method`` (the teacher's is
-    ``base``), against the frozen ``teacher`` (its forward: the module or its compiled version) and its ArcFace
+    ``base``), against the frozen ``teacher`` (its forward: the module or its compiled version) and its
     head when the method needs them. Students see the LR images, the teacher and HORKD's assistant HR."""
 
     role: str
     method: Method
     arch: str
     teacher: Callable | None = None
-    teacher_head: ArcFace | None = None
+    teacher_head: nn.Module | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -86,10 +85,11 @@ def to_input(images: torch.Tensor, device: torch.device, flip: torch.Tensor, cha
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def accuracy(head: ArcFace, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Share of the batch whose nearest class centre (cosine, no margin) is its label: training progress."""
+def accuracy(head: nn.Module, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Share of the batch whose best class without a margin (``head.predict``: ArcFace's cosine, a classifier's
+    logits) is its label: training progress."""
     with torch.no_grad():
-        return (head.cosine(emb).argmax(1) == labels).float().mean()
+        return (head.predict(emb).argmax(1) == labels).float().mean()
 
 
 def random_flips(n: int, seed: int, step: int) -> torch.Tensor:
@@ -97,47 +97,38 @@ def random_flips(n: int, seed: int, step: int) -> torch.Tensor:
     return torch.rand(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)) < 0.5
 
 
-def run_model(model, x: torch.Tensor, stages: bool) -> tuple:
-    """``(embedding, maps, stage outputs or None)`` of ``model`` on x; the stage outputs only when asked."""
-    if stages:
-        return model(x, stages=True)
-    emb, maps = model(x)
-    return emb, maps, None
-
-
-def step_loss(cfg: Config, phase: Phase, model, head: ArcFace, hr: torch.Tensor, labels: torch.Tensor) -> dict:
+def step_loss(cfg: Config, phase: Phase, model, head: nn.Module, hr: torch.Tensor, labels: torch.Tensor) -> dict:
     """Forward one batch; returns the loss terms: ``ce`` and the method's, their sum ``loss`` (what is
-    minimised) and the training accuracy ``acc``."""
-    needs = phase.method.needs
-    x = degrade(hr, cfg.low_res_side(), cfg.variant) if phase.low_res_input else hr
-    emb, maps, feats = run_model(model, x, "stages" in needs)
+    minimised) and the training accuracy ``acc``. The task (:mod:`askd.train.tasks`) makes the LR images and
+    the embeddings; the head makes the logits (ArcFace's margin logits, or a classifier's)."""
+    needs, task = phase.method.needs, task_of(cfg)
+    x = task.low_res(cfg, hr) if phase.low_res_input else hr
+    emb, maps, feats = task.embed(model, x, "stages" in needs)
     logits = head(emb, labels)
     out = Outputs(labels, emb, maps, logits, student_stages=feats)
     if needs:
         with torch.no_grad():
-            out.teacher_emb, out.teacher_maps, out.teacher_stages = run_model(phase.teacher, hr, "stages" in needs)
+            out.teacher_emb, out.teacher_maps, out.teacher_stages = task.embed(phase.teacher, hr, "stages" in needs)
             if "teacher_logits" in needs:
                 out.teacher_logits = phase.teacher_head(out.teacher_emb, labels)
     terms = {"ce": F.cross_entropy(logits, labels), **phase.method(out)}
     return {"loss": sum(terms.values()), **terms, "acc": accuracy(head, emb, labels)}
 
 
-def build_model(cfg: Config, arch: str, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, ArcFace]:
-    """A fresh backbone of ``arch`` (the config's variant, embedding size and kernels) and ArcFace head."""
-    model = models.create(arch, cfg.variant, cfg.embedding_size, backend=cfg.kernel_backend())
-    head = ArcFace(cfg.embedding_size, num_classes, cfg.arcface_s, cfg.arcface_m)
-    model, head = model.to(device), head.to(device)
+def build_model(cfg: Config, arch: str, num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """A fresh model of ``arch`` (the config's variant, embedding size and kernels) and its head (the task's)."""
+    model, head = task_of(cfg).build(cfg, arch, num_classes, device, backend=cfg.kernel_backend())
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, head
 
 
 class StepModule(nn.Module):
-    """What one step trains, as one module (what DistributedDataParallel wraps): the backbone and the ArcFace
-    head; ``forward(hr, labels)`` is :func:`step_loss`. Methods hold no parameters (HORKD's centres are
-    buffers the method keeps equal across processes itself), so they stay outside."""
+    """What one step trains, as one module (what DistributedDataParallel wraps): the model and its head
+    (ArcFace; a classifier's is part of the model); ``forward(hr, labels)`` is :func:`step_loss`. Methods hold no
+    parameters (HORKD's centres are buffers the method keeps equal across processes itself): they stay outside."""
 
-    def __init__(self, cfg: Config, phase: Phase, model: nn.Module, head: ArcFace, fwd: Callable | None):
+    def __init__(self, cfg: Config, phase: Phase, model: nn.Module, head: nn.Module, fwd: Callable | None):
         super().__init__()
         self.model, self.head = model, head
         # not submodules: the phase holds the frozen teacher, and a compiled model shares the model's parameters
@@ -169,7 +160,7 @@ def compile_model(model: torch.nn.Module):
     return torch.compile(model)
 
 
-def freeze(model: torch.nn.Module, head: ArcFace) -> tuple[torch.nn.Module, ArcFace]:
+def freeze(model: torch.nn.Module, head: nn.Module) -> tuple[torch.nn.Module, nn.Module]:
     """``model`` and ``head`` in eval mode without gradients: a teacher, or a trained model to evaluate."""
     for module in (model, head):
         module.eval().requires_grad_(False)
@@ -178,14 +169,14 @@ def freeze(model: torch.nn.Module, head: ArcFace) -> tuple[torch.nn.Module, ArcF
 
 @dataclasses.dataclass
 class Trainer:
-    """One model's training state: model and ArcFace head, the method (and its state), SGD, the per-step
+    """One model's training state: model and head, the method (and its state), SGD, the per-step
     learning-rate schedule, the AMP scaler; ``step_fn`` runs a step's forward (a :class:`StepModule`, in
     DistributedDataParallel under torchrun) and ``world`` says which process this is."""
 
     cfg: Config
     phase: Phase
     model: torch.nn.Module
-    head: ArcFace
+    head: nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -228,6 +219,7 @@ class Trainer:
             "step": self.step, "rng": rng_state(), "config": dataclasses.asdict(cfg), "role": phase.role,
             "method": phase.method.name, "method_state": phase.method.state_dict(), "arch": phase.arch,
             "variant": cfg.variant, "embedding_size": cfg.embedding_size, "num_classes": self.num_classes,
+            "task": cfg.task, "model_kwargs": task_of(cfg).model_kwargs(cfg, self.num_classes),
         }
 
     def restore(self, ckpt: dict) -> None:

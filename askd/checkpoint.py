@@ -143,6 +143,15 @@ def load_model(
     return model.to(device).eval().requires_grad_(False), ckpt
 
 
+def require_face(ckpt: dict[str, Any], path: str | Path, tool: str) -> None:
+    """CheckpointError unless the checkpoint holds a face model (checkpoints of older versions all do): ``tool``
+    (askd.eval, askd.export) embeds faces of 112 px."""
+    task = ckpt.get("task", "face")
+    if task != "face":
+        raise CheckpointError(f"{path} holds a model of task {task}; {tool} takes face models (image classifiers are "
+                              f"evaluated by python -m askd.train --task classify)")
+
+
 def describe_role(ckpt: dict[str, Any]) -> str:
     """What a checkpoint's model was trained as, in words: ``teacher``, ``student askd+kd``,
     ``assistant horkd``; a checkpoint from before the method registry recorded only a student's method."""

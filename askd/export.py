@@ -78,6 +78,7 @@ def load_model(path: str | Path) -> tuple[EmbeddingOnly, dict[str, Any]]:
     """The checkpoint's model (backend torch: the plain modules, which the exporter knows) in eval mode without
     grad, wrapped to return the embedding only, and the checkpoint."""
     model, ckpt = checkpoint.load_model(path, backend="torch")
+    checkpoint.require_face(ckpt, path, "askd.export")
     return EmbeddingOnly(model).eval(), ckpt
 
 

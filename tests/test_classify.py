@@ -10,14 +10,17 @@ import json
 
 import pytest
 import torch
-from test_data_classify import make_cifar10
+from test_data_classify import make_cifar10, make_tree
 from test_train import losses
 
 from askd.checkpoint import load, load_model
 from askd.config import Config, ConfigError, apply
 from askd.data.cifar import read_cifar
+from askd.data.classfolders import ClassFolders
 from askd.data.degrade import bicubic
+from askd.eval.cli import main as eval_main
 from askd.experiment import main as experiment_main
+from askd.export import main as export_main
 from askd.train import main
 
 # the shapes set at its smallest: 4 classes x 8 training images, 4 validation images per class, batches of 8
@@ -28,7 +31,7 @@ TINY = [
 TABLE4 = "base,kd,at+kd,rkd+kd,askd+kd"
 
 
-def test_two_steps_of_every_method_of_table4(tmp_path):
+def test_two_steps_of_every_method_of_table4(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*TINY, "--method", TABLE4, "--set", "max_steps=2", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -53,6 +56,23 @@ def test_two_steps_of_every_method_of_table4(tmp_path):
     assert ckpt["task"] == "classify" and ckpt["model_kwargs"] == {"num_classes": 4, "stem": "cifar"}
     logits, maps = model(torch.zeros(2, 3, 32, 32))
     assert logits.shape == (2, 4) and len(maps) == 4
+    # the face tools refuse it, saying why
+    for tool in (export_main, eval_main):
+        args = [str(out / "teacher" / "checkpoint.pt"), str(tmp_path / "t.onnx")] if tool is export_main else \
+            ["attention", "--teacher", str(out / "teacher" / "checkpoint.pt"), "--student", str(out / "student_base" /
+             "checkpoint.pt"), "--folder", str(tmp_path), "--out", str(tmp_path / "a")]
+        assert tool(args) == 2
+        assert "holds a model of task classify" in capsys.readouterr().err
+
+
+def test_an_imagenet_style_tree(tmp_path):
+    tree, out = make_tree(tmp_path / "tree"), tmp_path / "run"
+    argv = ["--task", "classify", "--data", str(tree), "--set", "input_size=48", "--batch-size", "4",
+            "--method", "askd+kd", "--set", "max_steps=1", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["input_size"] == 48 and results["low_res_size"] == 12
+    assert results["images"]["val"] == len(ClassFolders(tree, size=48).val)
 
 
 def test_a_classification_run_resumes_to_the_same_loss(tmp_path):

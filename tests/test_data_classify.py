@@ -242,10 +242,10 @@ def _noise(rng, h: int, w: int, channels: int = 3) -> np.ndarray:
     return rng.integers(0, 256, (h, w, channels) if channels > 1 else (h, w), dtype=np.uint8)
 
 
-@pytest.fixture
-def tree(tmp_path):
-    """train: cat (2 JPEGs, odd sizes), dog (grey JPEG, RGBA PNG, a .txt), emu (upper-case .JPEG); val: cat, emu."""
-    rng, root = np.random.default_rng(0), tmp_path / "tree"
+def make_tree(root):
+    """An ImageNet-style tree at ``root``. train: cat (2 JPEGs, odd sizes), dog (grey JPEG, RGBA PNG, a .txt), emu
+    (upper-case .JPEG); val: cat, emu."""
+    rng = np.random.default_rng(0)
     _save(root / "train" / "cat" / "a.jpg", _noise(rng, 37, 53), quality=90)
     _save(root / "train" / "cat" / "b.jpeg", _noise(rng, 61, 29), quality=90)
     _save(root / "train" / "dog" / "grey.jpg", _noise(rng, 40, 40, 1), "L")
@@ -255,6 +255,11 @@ def tree(tmp_path):
     _save(root / "val" / "cat" / "v.jpg", _noise(rng, 50, 70))
     _save(root / "val" / "emu" / "w.png", _noise(rng, 27, 27))
     return root
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return make_tree(tmp_path / "tree")
 
 
 def test_class_folders_classes_labels_and_shapes(tree):

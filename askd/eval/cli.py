@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, describe_role, load_model
+from ..checkpoint import CheckpointError, describe_role, load_model, require_face
 from ..config import ConfigError
 from ..data import degrade
 from ..data.folders import DataError, ImageFolderFaces
@@ -79,6 +79,7 @@ def load(path: str, args, device: torch.device, name: str | None = None, low_res
     """A checkpoint as a :class:`Loaded`; ``low_res`` "auto" takes HR for a teacher or HORKD assistant, the run's
     LR size otherwise."""
     model, ckpt = load_model(path, device)
+    require_face(ckpt, path, "askd.eval")
     role = describe_role(ckpt)
     if low_res == "auto":
         hr = ckpt.get("role") in ("teacher", "assistant")

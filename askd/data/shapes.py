@@ -1,15 +1,18 @@
 """Procedural image-classification set: ``ShapesDataset``, the default data of ``--task classify`` (nothing is
-downloaded). Like the synthetic faces, its classes need fine detail that vanishes when the image is down-sampled.
+downloaded). Like the synthetic faces, its classes need fine detail that fades when the image is down-sampled.
 
 Shapes: an item is ``(image uint8 (3,S,S) RGB, label int)``; ``render(classes, samples, epoch=None)`` gives
 uint8 (B,3,S,S). Item i is class i // samples and sample i % samples. S = ``size``, 32 by default.
 
-A class is a COARSE shape and a FINE texture filling it (:func:`class_parts`):
+A class is a COARSE shape and a texture filling it (:func:`class_parts`):
   shapes (10): disc, ring, square, diamond (the square at 45 degrees), triangle, nabla (pointing down), plus,
       cross (the plus at 45 degrees), hbar, vbar; 14-19 px across at 32 px, with a 2 px soft edge;
-  textures (4): two colours +-a around the fill colour in a 4x4-periodic, zero-mean pattern locked to the
-      pixel grid: rows and columns (1 px stripes, period 2), checker (1 px squares), diagonal (2 px stripes
-      along the anti-diagonal, period 4).
+  textures (4): rows, columns, checker, diagonal, each at two scales added around the fill colour, zero-mean,
+      within +-a: a FINE 4x4-periodic tile locked to the pixel grid, amplitude (1 - COARSE) a (rows and columns:
+      1 px stripes, period 2; checker: 1 px squares; diagonal: 2 px stripes along the anti-diagonal, period 4),
+      and COARSE waves of the same orientation, amplitude COARSE a: triangle waves of period WAVE_PERIOD = 12 px
+      across horizontal stripes (rows), vertical ones (columns), both diagonals multiplied (checker) or one
+      diagonal (diagonal), with a random phase per image.
 Classes 2k and 2k+1 share shape s = k mod 10 and take textures s + 2r and s + 2r + 1 (mod 4), r = k // 10: up to
 40 classes, every (shape, texture) pair once; the default 20 are the 10 shapes x 2 textures each. Every class is
 closed under the horizontal flip of the training loop (the shapes are mirror-symmetric, rotations symmetric
@@ -21,26 +24,30 @@ columns (0, 1/2), checker (1/2, 1/2), diagonal (1/4, 1/4) cycles/px): one 3x3 co
 Shapes are 14-19 px wide with distinct outlines; rotations stay within +-18 degrees, so square and diamond,
 plus and cross, hbar and vbar remain 9 degrees or more apart.
 
-Why LR loses the texture: a 4x bicubic down-sampling (antialiased: the cubic kernel stretched 4x) has zeros
-at every non-zero multiple of the LR sampling rate (the cubic interpolates, so its shifted copies sum to 1),
-which are exactly the frequencies of a 4x4-periodic pattern other than its mean. So at 8 px classes 2k and 2k+1
-differ only where the shape's edge cuts the texture, and a model on LR images can tell the shape at best:
-about half the classes at the default 20. The texture's phase is drawn per image (0-3 px in x and y), so
-nearest-neighbour down-sampling, which picks one pixel of each 4x4 block, turns every texture into either
-colour with equal odds and carries no class either.
+Why LR keeps only a weak trace of the texture: a 4x bicubic down-sampling (antialiased: the cubic kernel
+stretched 4x) has zeros at every non-zero multiple of the LR sampling rate (the cubic interpolates, so its
+shifted copies sum to 1), which are exactly the frequencies of a 4x4-periodic pattern other than its mean: the
+fine tiles vanish. The coarse waves have 3 LR px per period at 8 px, below the LR Nyquist limit, so they pass,
+weakened (the cubic's response falls well before Nyquist, and their triangle harmonics are cut), on a shape 4-5
+LR px across: a 1-2 period trace under the LR noise. So at 8 px twins 2k and 2k+1 differ by a faint oriented
+ripple where at 32 px they differ by two textures: the teacher on HR separates every class, a student on LR
+learns the shapes first and the ripple slowly (the tests measure the twins' distance; on the defaults, 5 epochs,
+resnet_tiny_cbam, the HR teacher reached 99.9% top-1 and the LR base student 70.0%, with 50% the shape alone).
+The fine tile's phase is drawn per image (0-3 px in x and y), so nearest-neighbour down-sampling, which picks
+one pixel of each 4x4 block, turns the fine tile into either colour with equal odds.
 
 Each image draws nuisances from (seed, split, class // 2, sample): position (+-16% of the half-width), size,
 rotation (+-12 degrees), background colour (dark or light, tinted) with a linear gradient, fill colour
 (tinted), texture contrast and phase, grey noise. So sample j of class 2k and sample j of class 2k+1 are twins
-that differ in their texture alone: at HR a contrast that isolates the texture, at LR two near-equal images
-under two labels (the tests measure this). ``split="val"`` draws other images than "train". The
+that differ in their texture alone: at HR a contrast that isolates the texture, at LR a faint ripple between
+two labels (the tests measure this). ``split="val"`` draws other images than "train". The
 training view (``dataset[(i, epoch)]``, see askd.data.classfolders.ViewDataset) adds a per-epoch jitter from
 (seed, split, epoch, class, sample): a shift of up to +-8% of the half-width, a rotation of +-6 degrees, a scale
 of 0.94-1.06, a new texture phase and new noise; the evaluation view (``dataset[i]``) is the image without it.
 The horizontal flip is the training loop's.
 
 Determinism: as askd.data.synthetic, drawing uses exactly rounded element-wise arithmetic (+ - * / abs min max
-sqrt) per pixel and a per-image noise plane, so an image's bits do not depend on the batch it is rendered in,
+sqrt floor) per pixel and a per-image noise plane, so an image's bits do not depend on the batch it is rendered in,
 on call order or on the thread count; ``render`` runs single-threaded (callers parallelise with workers).
 """
 
@@ -59,7 +66,9 @@ SHAPES = ("disc", "ring", "square", "diamond", "triangle", "nabla", "plus", "cro
 TEXTURES = ("rows", "columns", "checker", "diagonal")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 SPLITS = ("train", "val")
-PERIOD = 4  # of every texture, in px: it divides the 4x down-sampling factor
+PERIOD = 4  # of the fine tiles, in px: it divides the 4x down-sampling factor, which erases them
+WAVE_PERIOD = 12.0  # of the coarse waves, in px across the stripes: 3 px at 8 px, which 4x bicubic keeps, weakened
+COARSE = 0.5  # the coarse waves' share of the texture's amplitude (the fine tiles have the rest)
 
 # in units of the shape's radius (the disc's radius)
 SQUARE = 0.85  # half side
@@ -97,6 +106,21 @@ def _tiles() -> torch.Tensor:
 
 
 TILES = _tiles()
+
+
+def _waves() -> tuple[tuple[float, float, float, float], ...]:
+    """Per texture (ax, ay, bx, by): the coarse pattern is tri(ax x + ay y + phase) * tri(bx x + by y + phase'),
+    x, y in px, tri the triangle wave of period 1 (:func:`_zigzag`); (0, 0) for b means no second factor."""
+    k, d = 1 / WAVE_PERIOD, math.sqrt(0.5) / WAVE_PERIOD  # d: the 45-degree components are WAVE_PERIOD apart
+    return (0.0, k, 0.0, 0.0), (k, 0.0, 0.0, 0.0), (d, 0.0, 0.0, d), (d, d, 0.0, 0.0)  # rows, columns, ...
+
+
+WAVES = _waves()
+
+
+def _zigzag(s: torch.Tensor) -> torch.Tensor:
+    """The triangle wave of period 1, in place: 1 at integers, -1 halfway, mean 0 (4 |frac(s) - 1/2| - 1)."""
+    return s.sub_(s.floor()).sub_(0.5).abs_().mul_(4).sub_(1)
 
 
 # Signed distance-like functions of the shapes in local coordinates (u, v) (B,H,W), radius units, v down:
@@ -163,7 +187,15 @@ def _nuisances(d: _Draws) -> dict[str, float]:
 
 
 def _phase(d: _Draws, p: dict[str, float]) -> None:
+    """The texture's phases: the fine tile's in whole px (0..3), the two coarse waves' in periods, [0, 1)."""
     p["phase_y"], p["phase_x"] = float(int(d.uniform(0, PERIOD))), float(int(d.uniform(0, PERIOD)))
+    p["wave_a"], p["wave_b"] = d.uniform(), d.uniform()
+
+
+def _wave_coefs(texture: int, p: dict[str, float]) -> dict[str, float]:
+    """Texture ``texture``'s coarse wave coefficients with ``p``'s phases (a missing second factor: phase 0)."""
+    ax, ay, bx, by = WAVES[texture]
+    return {"ax": ax, "ay": ay, "a0": p["wave_a"], "bx": bx, "by": by, "b0": p["wave_b"] if bx or by else 0.0}
 
 
 def _epoch_jitter(d: _Draws, p: dict[str, float]) -> None:
@@ -175,8 +207,16 @@ def _epoch_jitter(d: _Draws, p: dict[str, float]) -> None:
     _phase(d, p)
 
 
+def _coarse(p: _Params, size: int) -> torch.Tensor:
+    """The coarse waves (B,S,S) in [-1, 1] of the textures with coefficients in ``p`` (see :func:`_wave_coefs`)."""
+    t = torch.arange(size, dtype=torch.float32)
+    x, y = t[None, None, :], t[None, :, None]
+    first = _zigzag((x * p["ax"]).add(y * p["ay"]).add_(p["a0"]))
+    return first.mul_(_zigzag((x * p["bx"]).add(y * p["by"]).add_(p["b0"])))
+
+
 class ShapesDataset(ViewDataset):
-    """Procedural shapes with fine textures: ``num_classes * samples`` items of (uint8 (3,S,S), label).
+    """Procedural shapes with textures at two scales: ``num_classes * samples`` items of (uint8 (3,S,S), label).
 
     Attributes: ``num_classes``, ``classes`` ("<shape>/<texture>"), ``samples`` (per class), ``size``, ``seed``,
     ``split``, ``augments`` (True for the train split).
@@ -243,6 +283,7 @@ class ShapesDataset(ViewDataset):
                 _epoch_jitter(d, p)
             p["cos"], p["sin"] = math.cos(math.radians(p["angle"])), math.sin(math.radians(p["angle"]))
             p["inv_radius"], p["edge"] = 1.0 / p["radius"], p["radius"] * size / (2 * EDGE)  # edges per radius unit
+            p.update(_wave_coefs(class_parts(label)[1], p))
             rows.append(p)
             noise.append(torch.randn(size, size, generator=d.generator))  # grey sensor noise
         p = _Params(rows)
@@ -263,7 +304,8 @@ class ShapesDataset(ViewDataset):
             textures = torch.tensor([class_parts(label)[1] for label in labels])
             ry = (torch.arange(size) + p["phase_y"].view(n, 1).long()) % PERIOD  # (B,S)
             rx = (torch.arange(size) + p["phase_x"].view(n, 1).long()) % PERIOD
-            pattern = TILES[textures[:, None, None], ry[:, :, None], rx[:, None, :]]  # (B,S,S)
+            fine = TILES[textures[:, None, None], ry[:, :, None], rx[:, None, :]]  # (B,S,S)
+            pattern = fine.mul_(1 - COARSE).add_(_coarse(p, size).mul_(COARSE))  # |pattern| <= 1: no clipping
             fill = fill + (pattern * p["amplitude"]).unsqueeze(1)
         _paint(img, cover, fill)
         img.add_(torch.stack(noise).mul_(p["noise"]).unsqueeze(1))

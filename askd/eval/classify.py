@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.degrade import bicubic
 from .attention import attention_correlation
 from .embed import eval_mode, to_model_input
-from .report import correlation_table
+from .report import correlation_table, markdown_table
 
 CORRELATION_IMAGES = 512
 BATCH = 256
@@ -84,17 +84,14 @@ def evaluate_run(cfg, data, teacher, students: dict, device, assistants: dict | 
 def format_table(results: dict) -> str:
     """Markdown: top-1/top-5 % per model and split, then the correlation per block."""
     images = ", ".join(f"{split} {n}" for split, n in results["images"].items())
-    cols = list(results["accuracy"])
+    cols, acc = list(results["accuracy"]), results["accuracy"]
     lines = [
         f"Validation images: {images} ({results['protocol']}), {results['arch']} / {results['variant']}, "
         f"HR {results['input_size']} px, LR = {results['low_res_size']} px (bicubic); accuracy %",
         "",
-        "| model | " + " | ".join(cols) + " |",
-        "|---" * (len(cols) + 1) + "|",
     ]
-    for model in results["accuracy"][cols[0]]:
-        lines.append(f"| {model} | " + " | ".join(f"{100 * results['accuracy'][c][model]['accuracy']:.2f}"
-                                                 for c in cols) + " |")
+    lines += markdown_table(["model", *cols], [[model] + [f"{100 * acc[c][model]['accuracy']:.2f}" for c in cols]
+                                               for model in acc[cols[0]]])
     if results["attention_correlation"]:
         lines += ["", correlation_table(results["attention_correlation"])]
     return "\n".join(lines)

@@ -36,7 +36,7 @@ from .attention import attention_correlation
 from .embed import to_model_input
 from .figures import attention_figure, spatial_maps, stage_last_blocks
 from .identification import evaluate_tinyface
-from .report import correlation_table
+from .report import correlation_table, markdown_table
 from .verification import PROTOCOLS, evaluate_pairs
 
 PROG = "askd.eval"
@@ -106,10 +106,8 @@ def cmd_verify(args, device: torch.device) -> dict:
             row[name] = {"accuracy": r["accuracy"], "std": r["std"]}
         results[m.label()] = row
     lines = [f"Verification ({args.protocol} protocol, 10 folds, flip TTA), accuracy % (std over folds)", ""]
-    lines += ["| model | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
-    for label, row in results.items():
-        lines.append(f"| {label} | " + " | ".join(f"{100 * r['accuracy']:.2f} ({100 * r['std']:.2f})"
-                                                for r in row.values()) + " |")
+    lines += markdown_table(["model", *sets], [[label] + [f"{100 * r['accuracy']:.2f} ({100 * r['std']:.2f})"
+                                                          for r in row.values()] for label, row in results.items()])
     print("\n".join(lines))
     return {"protocol": args.protocol, "verification": results}
 
@@ -122,11 +120,9 @@ def cmd_tinyface(args, device: torch.device) -> dict:
         results[m.label()] = evaluate_tinyface(m.model, args.root, args.batch_size, device, m.transform(),
                                                flip=not args.no_flip, num_workers=args.workers)
     ranks = [k for k in next(iter(results.values())) if k.startswith("rank-")]
-    lines = ["TinyFace identification (%)", "", "| model | " + " | ".join([*ranks, "mAP"]) + " |"]
-    lines.append("|---" * (len(ranks) + 2) + "|")
-    for label, r in results.items():
-        lines.append(f"| {label} | " + " | ".join(f"{100 * r[k]:.2f}" for k in [*ranks, "mAP"]) + " |")
-    print("\n".join(lines))
+    keys = [*ranks, "mAP"]
+    rows = [[label] + [f"{100 * r[k]:.2f}" for k in keys] for label, r in results.items()]
+    print("\n".join(["TinyFace identification (%)", "", *markdown_table(["model", *keys], rows)]))
     return {"tinyface": results}
 
 

@@ -60,21 +60,23 @@ def evaluate_run(
     }
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: the header row, the rule, a line per row (cells already formatted)."""
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def format_table(results: dict) -> str:
     """Markdown tables of the results dict: verification accuracy per set, then correlation per block."""
     pairs = ", ".join(f"{name} {n}" for name, n in results["pairs"].items())
-    sets = list(results["verification"])
+    sets, acc = list(results["verification"]), results["verification"]
     lines = [
         f"Verification pairs: {pairs} ({results['protocol']} protocol, 10 folds, flip TTA), "
         f"{results['arch']} / {results['variant']}, LR = {results['low_res_size']} px; accuracy % (std over folds)",
         "",
-        "| model | " + " | ".join(sets) + " |",
-        "|---" * (len(sets) + 1) + "|",
     ]
-    for model in results["verification"][sets[0]]:
-        cells = [results["verification"][s][model] for s in sets]
-        accs = " | ".join(f"{100 * r['accuracy']:.2f} ({100 * r['std']:.2f})" for r in cells)
-        lines.append(f"| {model} | {accs} |")
+    lines += markdown_table(["model", *sets], [[model] + [f"{100 * acc[s][model]['accuracy']:.2f} "
+                                                          f"({100 * acc[s][model]['std']:.2f})" for s in sets]
+                                               for model in acc[sets[0]]])
     if results["attention_correlation"]:
         lines += ["", correlation_table(results["attention_correlation"])]
     return "\n".join(lines)
@@ -83,12 +85,11 @@ def format_table(results: dict) -> str:
 def correlation_table(correlations: dict[str, list[dict]]) -> str:
     """Markdown table of per-block Pearson r, one row per student: {method: attention_correlation(...)}."""
     blocks = [c["block"] for c in next(iter(correlations.values()))]
-    lines = ["Pearson r, teacher maps on HR vs student maps on LR (S = spatial, C = channel)", ""]
-    lines.append("| student | " + " | ".join(f"B{b + 1}-S | B{b + 1}-C" for b in blocks) + " | mean S | mean C |")
-    lines.append("|---" * (2 * len(blocks) + 3) + "|")
+    header = ["student", *(f"B{b + 1}-{m}" for b in blocks for m in "SC"), "mean S", "mean C"]
+    rows = []
     for method, per_block in correlations.items():
-        cells = " | ".join(f"{c['spatial_r']:.2f} | {c['channel_r']:.2f}" for c in per_block)
-        mean_s = sum(c["spatial_r"] for c in per_block) / len(per_block)
-        mean_c = sum(c["channel_r"] for c in per_block) / len(per_block)
-        lines.append(f"| {method} | {cells} | {mean_s:.2f} | {mean_c:.2f} |")
-    return "\n".join(lines)
+        cells = [f"{c[key]:.2f}" for c in per_block for key in ("spatial_r", "channel_r")]
+        means = [f"{sum(c[key] for c in per_block) / len(per_block):.2f}" for key in ("spatial_r", "channel_r")]
+        rows.append([method, *cells, *means])
+    title = "Pearson r, teacher maps on HR vs student maps on LR (S = spatial, C = channel)"
+    return "\n".join([title, "", *markdown_table(header, rows)])

@@ -14,8 +14,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from askd.data import ClassFolders, DataError, ShapesDataset, is_cifar, is_class_folders, read_cifar, shapes
-from askd.data.classfolders import resized_crop_box, view_generator
+from askd.data.classfolders import resized_crop_box
 from askd.data.shapes import MAX_CLASSES, SHAPES, TEXTURES, class_parts
+from askd.data.views import view_generator
 
 # ------------------------------------------------------------------------------------------------------- CIFAR
 

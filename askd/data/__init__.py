@@ -4,7 +4,7 @@ for image classification the CIFAR pickles, ImageNet-style class folders and the
 import warnings
 
 from .cifar import CifarData, CifarDataset, is_cifar, read_cifar
-from .classfolders import ClassFolders, ClassFolderSplit, ViewDataset, is_class_folders
+from .classfolders import ClassFolders, ClassFolderSplit, is_class_folders
 from .degrade import degrade, low_res_size
 from .folders import DataError, ImageFolderFaces, list_identities
 from .insightface import RecordDataset
@@ -12,6 +12,7 @@ from .recordio import RecordReader, RecordWriter
 from .shapes import ShapesDataset
 from .synthetic import SyntheticFaces
 from .verification_bin import make_bin, pair_indices, read_bin, read_bin_tensors, write_bin
+from .views import ViewDataset
 
 __all__ = [
     "CifarData",

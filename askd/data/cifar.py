@@ -17,7 +17,7 @@ called. What loads is then checked (a dict, ``data`` uint8 (N, 3072), N labels i
 DataError naming the file.
 
 ``CifarData``: ``train`` and ``test`` :class:`CifarDataset`, items (image uint8 (3,32,32) RGB, label int). The
-training view (``train[(i, epoch)]``, see askd.data.classfolders.ViewDataset) is the standard CIFAR
+training view (``train[(i, epoch)]``, see askd.data.views) is the standard CIFAR
 augmentation: zero-pad 4 px on every side, then a random 32x32 crop, drawn from (seed, epoch, i); the
 horizontal flip is the training loop's. The evaluation view is the image as stored.
 """
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .classfolders import ViewDataset, view_generator
 from .folders import DataError
+from .views import ViewDataset, view_generator
 
 SIDE = 32
 PAD = 4  # the standard CIFAR augmentation: pad 4, crop 32

@@ -1,5 +1,5 @@
 """ImageNet-style class folders for image classification: ``ClassFolders(root, size=224, seed=0)`` and
-``is_class_folders(path)``; also the view convention every classification Dataset here follows (``ViewDataset``).
+``is_class_folders(path)``.
 
 Layout: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>``, images ending in .jpeg, .jpg, .png,
 .ppm, .bmp, .pgm or .webp (any case) directly inside a class folder; other files and deeper folders are ignored.
@@ -7,75 +7,33 @@ The classes are the sorted names of the train subfolders (plain string order, as
 labels 0..K-1 in that order; every val class must be one of them and keeps its train label. A class folder
 without images, or a val class unknown to train, is a DataError that names it.
 
-Views (``ViewDataset``): ``dataset[i]`` is the evaluation view of item i and ``dataset[(i, epoch)]`` the training
-view of that epoch, whose randomness comes from a torch.Generator seeded by (seed, epoch, i) alone, so a resumed
-run and any number of DataLoader workers see the same images. The horizontal flip is left to the training loop,
-which flips whole batches. An item is ``(image uint8 (3,S,S) RGB, label int)``, S = ``size``.
-
-Here the training view is torchvision's RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)): up to 10
-draws of an area fraction and a log-uniform aspect ratio until the box fits, else the centre crop at the nearest
-allowed ratio; the box is cut out and resized to size x size (Pillow bilinear, antialiased when shrinking). The
-evaluation view resizes the shorter side to round(size * 256 / 224) (256 for 224) and cuts the centre
-size x size, as the ImageNet evaluation does. Images are decoded in ``__getitem__`` (so in DataLoader workers)
-by ``askd.data.folders.open_rgb``: grey, CMYK, palette and alpha images become RGB, a corrupt file or a
-decompression bomb a DataError naming the file.
+Views (askd.data.views): ``dataset[i]`` is the evaluation view of item i and ``dataset[(i, epoch)]`` the training
+view of that epoch. An item is ``(image uint8 (3,S,S) RGB, label int)``, S = ``size``. The training view is
+torchvision's RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)): up to 10 draws of an area fraction and a
+log-uniform aspect ratio until the box fits, else the centre crop at the nearest allowed ratio; the box is cut out
+and resized to size x size (Pillow bilinear, antialiased when shrinking). The evaluation view resizes the shorter
+side to round(size * 256 / 224) (256 for 224) and cuts the centre size x size, as the ImageNet evaluation does.
+Images are decoded in ``__getitem__`` (so in DataLoader workers) by ``askd.data.folders.open_rgb``: grey, CMYK,
+palette and alpha images become RGB, a corrupt file or a decompression bomb a DataError naming the file.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 import os
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from .folders import DataError, image_files, open_rgb, rgb_tensor
-from .synthetic.sampling import _seed
+from .views import ViewDataset, view_generator
 
 EXTENSIONS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".pgm", ".webp")
 LAYOUT = "ROOT/train/<class>/<image> and ROOT/val/<class>/<image>"
 SCALE = (0.08, 1.0)  # RandomResizedCrop's area fraction
 RATIO = (3 / 4, 4 / 3)  # and its aspect ratio (width / height)
 ATTEMPTS = 10
-
-
-def view_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The generator of item ``index``'s training view in ``epoch``: a pure function of the three."""
-    return torch.Generator().manual_seed(_seed("view", seed, epoch, index))
-
-
-class ViewDataset(Dataset):
-    """A classification Dataset with an evaluation view (``dataset[i]``) and a training view per epoch
-    (``dataset[(i, epoch)]``); subclasses set ``num_classes``, ``classes``, ``size``, ``seed``, ``augments`` and
-    define ``__len__``, ``eval_view(i)`` and ``train_view(i, epoch)``, each returning (uint8 (3,S,S), int).
-
-    Where ``augments`` is False (evaluation sets) a (i, epoch) key gives the evaluation view too.
-    """
-
-    augments: bool
-
-    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
-        if isinstance(key, (tuple, list)):
-            if len(key) != 2:
-                raise TypeError(f"a view key is an index or (index, epoch), got {key!r}")
-            index, epoch = operator.index(key[0]), operator.index(key[1])
-        else:
-            index, epoch = operator.index(key), None
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        index %= len(self)
-        if epoch is None or not self.augments:
-            return self.eval_view(index)
-        return self.train_view(index, epoch)
-
-    def eval_view(self, index: int) -> tuple[torch.Tensor, int]:
-        raise NotImplementedError
-
-    def train_view(self, index: int, epoch: int) -> tuple[torch.Tensor, int]:
-        raise NotImplementedError
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:

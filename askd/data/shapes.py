@@ -41,7 +41,7 @@ rotation (+-12 degrees), background colour (dark or light, tinted) with a linear
 (tinted), texture contrast and phase, grey noise. So sample j of class 2k and sample j of class 2k+1 are twins
 that differ in their texture alone: at HR a contrast that isolates the texture, at LR a faint ripple between
 two labels (the tests measure this). ``split="val"`` draws other images than "train". The
-training view (``dataset[(i, epoch)]``, see askd.data.classfolders.ViewDataset) adds a per-epoch jitter from
+training view (``dataset[(i, epoch)]``, see askd.data.views) adds a per-epoch jitter from
 (seed, split, epoch, class, sample): a shift of up to +-8% of the half-width, a rotation of +-6 degrees, a scale
 of 0.94-1.06, a new texture phase and new noise; the evaluation view (``dataset[i]``) is the image without it.
 The horizontal flip is the training loop's.
@@ -57,10 +57,10 @@ import math
 
 import torch
 
-from .classfolders import ViewDataset
-from .synthetic.dataset import _one_thread
-from .synthetic.raster import _centres, _paint, _Params
-from .synthetic.sampling import _Draws
+from .synthetic.dataset import one_thread
+from .synthetic.raster import Params, paint, pixel_centres
+from .synthetic.sampling import Draws
+from .views import ViewDataset
 
 SHAPES = ("disc", "ring", "square", "diamond", "triangle", "nabla", "plus", "cross", "hbar", "vbar")
 TEXTURES = ("rows", "columns", "checker", "diagonal")
@@ -169,7 +169,7 @@ def _vbar(u, v):
 OUTLINES = (_disc, _ring, _square, _diamond, _triangle, _nabla, _plus, _cross, _hbar, _vbar)
 
 
-def _nuisances(d: _Draws) -> dict[str, float]:
+def _nuisances(d: Draws) -> dict[str, float]:
     """Per-image scalars (see the module docstring); the texture phase as floats 0..3."""
     p = {"cx": d.uniform(-SHIFT, SHIFT), "cy": d.uniform(-SHIFT, SHIFT), "radius": d.uniform(*RADIUS),
          "angle": d.uniform(-ANGLE, ANGLE)}
@@ -186,7 +186,7 @@ def _nuisances(d: _Draws) -> dict[str, float]:
     return p
 
 
-def _phase(d: _Draws, p: dict[str, float]) -> None:
+def _phase(d: Draws, p: dict[str, float]) -> None:
     """The texture's phases: the fine tile's in whole px (0..3), the two coarse waves' in periods, [0, 1)."""
     p["phase_y"], p["phase_x"] = float(int(d.uniform(0, PERIOD))), float(int(d.uniform(0, PERIOD)))
     p["wave_a"], p["wave_b"] = d.uniform(), d.uniform()
@@ -198,7 +198,7 @@ def _wave_coefs(texture: int, p: dict[str, float]) -> dict[str, float]:
     return {"ax": ax, "ay": ay, "a0": p["wave_a"], "bx": bx, "by": by, "b0": p["wave_b"] if bx or by else 0.0}
 
 
-def _epoch_jitter(d: _Draws, p: dict[str, float]) -> None:
+def _epoch_jitter(d: Draws, p: dict[str, float]) -> None:
     """The training view's per-epoch changes to ``p``, in place."""
     p["cx"] += d.uniform(-EPOCH_SHIFT, EPOCH_SHIFT)
     p["cy"] += d.uniform(-EPOCH_SHIFT, EPOCH_SHIFT)
@@ -207,7 +207,7 @@ def _epoch_jitter(d: _Draws, p: dict[str, float]) -> None:
     _phase(d, p)
 
 
-def _coarse(p: _Params, size: int) -> torch.Tensor:
+def _coarse(p: Params, size: int) -> torch.Tensor:
     """The coarse waves (B,S,S) in [-1, 1] of the textures with coefficients in ``p`` (see :func:`_wave_coefs`)."""
     t = torch.arange(size, dtype=torch.float32)
     x, y = t[None, None, :], t[None, :, None]
@@ -254,7 +254,7 @@ class ShapesDataset(ViewDataset):
         ``detail=False`` paints the fill colour (the texture's mean) in place of the texture and changes nothing
         else (for tests and ablations)."""
         labels, sams = self._check_indices(classes, samples)
-        with _one_thread():
+        with one_thread():
             return self._draw(labels, sams, epoch, detail)
 
     def _check_indices(self, classes, samples) -> tuple[list[int], list[int]]:
@@ -276,18 +276,18 @@ class ShapesDataset(ViewDataset):
             return torch.empty(0, 3, size, size, dtype=torch.uint8)
         rows, noise = [], []
         for label, sample in zip(labels, sams, strict=True):
-            d = _Draws("shapes", self.seed, self.split, label // 2, sample, n=24)  # twins: see the docstring
+            d = Draws("shapes", self.seed, self.split, label // 2, sample, n=24)  # twins: see the docstring
             p = _nuisances(d)
             if epoch is not None:
-                d = _Draws("shapes-epoch", self.seed, self.split, epoch, label, sample, n=8)
+                d = Draws("shapes-epoch", self.seed, self.split, epoch, label, sample, n=8)
                 _epoch_jitter(d, p)
             p["cos"], p["sin"] = math.cos(math.radians(p["angle"])), math.sin(math.radians(p["angle"]))
             p["inv_radius"], p["edge"] = 1.0 / p["radius"], p["radius"] * size / (2 * EDGE)  # edges per radius unit
             p.update(_wave_coefs(class_parts(label)[1], p))
             rows.append(p)
             noise.append(torch.randn(size, size, generator=d.generator))  # grey sensor noise
-        p = _Params(rows)
-        t = _centres(size)
+        p = Params(rows)
+        t = pixel_centres(size)
         x, y = t[None, None, :] - p["cx"], t[None, :, None] - p["cy"]  # (B,1,S), (B,S,1)
         u = (x * p["cos"]).add(y * p["sin"]).mul_(p["inv_radius"])  # the shape's own frame, radius units
         v = (y * p["cos"]).sub(x * p["sin"]).mul_(p["inv_radius"])
@@ -307,6 +307,6 @@ class ShapesDataset(ViewDataset):
             fine = TILES[textures[:, None, None], ry[:, :, None], rx[:, None, :]]  # (B,S,S)
             pattern = fine.mul_(1 - COARSE).add_(_coarse(p, size).mul_(COARSE))  # |pattern| <= 1: no clipping
             fill = fill + (pattern * p["amplitude"]).unsqueeze(1)
-        _paint(img, cover, fill)
+        paint(img, cover, fill)
         img.add_(torch.stack(noise).mul_(p["noise"]).unsqueeze(1))
         return img.mul_(255).round_().clamp_(0, 255).to(torch.uint8)

@@ -26,7 +26,7 @@ do not depend on the batch it is rendered in, on call order or on the thread cou
 
 Speed (measured with torch.set_num_threads(1) on a 2-core CPU shared with other jobs): ``render`` of 64
 images at 112x112 takes 95-130 ms; ``__getitem__`` 3-6 ms per image. ``render`` draws single-threaded
-(see dataset._one_thread), in chunks of CHUNK images, each group of shapes only on the pixels it can touch.
+(see dataset.one_thread), in chunks of CHUNK images, each group of shapes only on the pixels it can touch.
 
 Learnability (a 4-stage CNN, ~2 min on 2 cores, 100 train identities x 20 images, verification on 50 held-out
 ``eval`` identities): 98% at 112 px, 96% at 112 px without the fine marks, 89% trained and tested at 14 px

@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .geometry import _layout, _windows
-from .raster import _draw, _Params
-from .sampling import _Draws, _identity, _jitter
+from .raster import Params, _draw
+from .sampling import Draws, _identity, _jitter
 from .textures import _marks, _textures
 
 SPLITS = ("train", "eval")
@@ -53,7 +53,7 @@ class SyntheticFaces(Dataset):
         """
         ids, sams = self._check_indices(identities, samples)
         out = torch.empty(len(ids), 3, self.size, self.size, dtype=torch.uint8)
-        with _one_thread():
+        with one_thread():
             for start in range(0, len(ids), CHUNK):
                 stop = start + CHUNK
                 out[start:stop] = self._render_chunk(ids[start:stop], sams[start:stop], detail)
@@ -77,24 +77,24 @@ class SyntheticFaces(Dataset):
         """uint8 (B,3,S,S) for up to CHUNK (identity, sample) pairs."""
         rows, boxes, marks, noise = [], [], [], []
         for identity, sample in zip(ids, sams, strict=True):
-            draws = _Draws(self.seed, self.split, identity)
+            draws = Draws(self.seed, self.split, identity)
             p = _identity(draws)
             if detail:
                 marks.append(_marks(draws, p))
-            draws = _Draws(self.seed, self.split, identity, sample)
+            draws = Draws(self.seed, self.split, identity, sample)
             p.update(_jitter(draws, self.size))
             boxes.append(_layout(p))
             rows.append(p)
             noise.append(torch.randn(self.size, self.size, generator=draws.generator))  # grey sensor noise
         windows = _windows(rows, boxes, self.size)
-        p = _Params(rows)
+        p = Params(rows)
         img = _draw(p, _textures(p, marks) if detail else None, windows, self.size)
         img.add_(torch.stack(noise).mul_(p["noise"]).unsqueeze(1))
         return img.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 @contextlib.contextmanager
-def _one_thread():
+def one_thread():
     """Run torch single-threaded inside, restoring the thread count after.
 
     Drawing works on many small planes: intra-op threads add overhead, and stall badly (10-40x measured)

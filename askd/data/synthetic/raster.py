@@ -17,12 +17,12 @@ MOUTH_INSIDE = (0.30, 0.06, 0.08)
 
 
 @functools.lru_cache(maxsize=8)
-def _centres(n: int) -> torch.Tensor:
+def pixel_centres(n: int) -> torch.Tensor:
     """Pixel-centre coordinates of n pixels across [-1, 1], (n,); shared, never written to."""
     return (torch.arange(n, dtype=torch.float32) + 0.5) * (2.0 / n) - 1.0
 
 
-class _Params:
+class Params:
     """Per-image scalars as (B,1,1) tensors by name, RGB triples as (B,3,1,1) by prefix."""
 
     def __init__(self, rows: list[dict[str, float]]):
@@ -45,8 +45,8 @@ class _Grid:
     coordinates then costs one plane operation; the planes u, v, |u| (B,H,W) are built on first use.
     """
 
-    def __init__(self, p: _Params, size: int, rows: slice, cols: slice):
-        t = _centres(size)
+    def __init__(self, p: Params, size: int, rows: slice, cols: slice):
+        t = pixel_centres(size)
         x, y = t[cols][None, None, :] - p["tx"], t[rows][None, :, None] - p["ty"]
         self.ur, self.uc = x * p["cos"], y * p["sin"]
         self.vr, self.vc = x * p["nsin"], y * p["cos"]
@@ -95,7 +95,7 @@ def _axis(row: torch.Tensor, col: torch.Tensor, plane: torch.Tensor | None, cent
     return (plane - centre).mul_(scale)
 
 
-def _paint(img: torch.Tensor, alpha: torch.Tensor, rgb) -> None:
+def paint(img: torch.Tensor, alpha: torch.Tensor, rgb) -> None:
     """img (B,3,H,W) += alpha (B,H,W) * (rgb (B,3,1,1) - img), in place.
 
     Where alpha is 0 a pixel keeps its exact bits, so leaving out pixels or layers whose opacity is 0 for
@@ -106,12 +106,12 @@ def _paint(img: torch.Tensor, alpha: torch.Tensor, rgb) -> None:
     img.add_((rgb - img).mul_(alpha.unsqueeze(1)))
 
 
-def _draw(p: _Params, texture: torch.Tensor | None, windows: dict[str, tuple[slice, slice]], size: int) -> torch.Tensor:
+def _draw(p: Params, texture: torch.Tensor | None, windows: dict[str, tuple[slice, slice]], size: int) -> torch.Tensor:
     """Float images (B,3,size,size) in about [0, 1]; textures (B,1,T,T) or None; ``windows`` from geometry._windows.
 
     Each group of shapes is drawn on its window only: a view of the image and a grid of the same pixels.
     """
-    y = _centres(size)[None, :, None]
+    y = pixel_centres(size)[None, :, None]
     img = (p.rgb("bg_step") * ((y + 1) * 0.5)).add_(p.rgb("bg")).expand(-1, -1, -1, size).contiguous()
 
     def region(group: str) -> tuple[torch.Tensor, _Grid]:
@@ -119,60 +119,60 @@ def _draw(p: _Params, texture: torch.Tensor | None, windows: dict[str, tuple[sli
         return img[:, :, rows, cols], _Grid(p, size, rows, cols)
 
     view, g = region("shirt")
-    _paint(view, g.ellipse("shirt"), p.rgb("shirt"))
+    paint(view, g.ellipse("shirt"), p.rgb("shirt"))
     view, g = region("neck")
-    _paint(view, g.ellipse("neck"), p.rgb("neck"))
+    paint(view, g.ellipse("neck"), p.rgb("neck"))
     if p["hair_on"].any():
         view, g = region("back")
-        _paint(view, g.ellipse("back").mul_(p["hair_on"]), p.rgb("hair"))
+        paint(view, g.ellipse("back").mul_(p["hair_on"]), p.rgb("hair"))
     view, g = region("ears")
-    _paint(view, g.ellipse("ear", u=g.au), p.rgb("ear"))
+    paint(view, g.ellipse("ear", u=g.au), p.rgb("ear"))
     view, g = region("face")
     face = g.face()
-    _paint(view, face, p.rgb("skin"))
+    paint(view, face, p.rgb("skin"))
     if texture is not None:  # the identity's fine marks, carried along with the face
         marks = F.grid_sample(texture, torch.stack((g.u, g.v), dim=-1), align_corners=False)[:, 0]
-        _paint(view, marks.mul_(face), MARK)
+        paint(view, marks.mul_(face), MARK)
     if p["beard"].any():  # below a line under the nose that rises towards the sides
         edge = (g.u * g.u).mul_(0.8).add_(g.v).sub_(p["beard_v"]).mul_(p["inv_px"]).add_(0.5).clamp_(0, 1)
-        _paint(view, edge.mul_(face).mul_(p["beard"]), p.rgb("hair"))
+        paint(view, edge.mul_(face).mul_(p["beard"]), p.rgb("hair"))
     view, g = region("blush")
-    _paint(view, g.bump("blush", u=g.au).mul_(g.face()).mul_(p["blush_a"]), p.rgb("lip"))
+    paint(view, g.bump("blush", u=g.au).mul_(g.face()).mul_(p["blush_a"]), p.rgb("lip"))
     view, g = region("nose")
-    _paint(view, g.ellipse("nose").mul_(0.22), p.rgb("nose"))
-    _paint(view, g.ellipse("nostril", u=g.au).mul_(0.7), p.rgb("nostril"))
+    paint(view, g.ellipse("nose").mul_(0.22), p.rgb("nose"))
+    paint(view, g.ellipse("nostril", u=g.au).mul_(0.7), p.rgb("nostril"))
     _mouth(*region("mouth"), p)
     _eyes(*region("eyes"), p)
     if p["hair_on"].any():  # fringe: hair above a curved, possibly parted hairline, inside the head outline
         view, g = region("fringe")
         hairline = (g.u * g.u).mul_(p["hair_curve"]).add_((g.u * p["hair_part"]).clamp_(min=0)).add_(p["hairline_0"])
         fringe = hairline.sub_(g.v).mul_(p["inv_px"]).add_(0.5).clamp_(0, 1)
-        _paint(view, fringe.mul_(g.ellipse("head")).mul_(p["hair_on"]), p.rgb("hair"))
-    light = (_centres(size)[None, None, :] * p["light_x"]).add(y * p["light_y"]).add_(p["light"])
+        paint(view, fringe.mul_(g.ellipse("head")).mul_(p["hair_on"]), p.rgb("hair"))
+    light = (pixel_centres(size)[None, None, :] * p["light_x"]).add(y * p["light_y"]).add_(p["light"])
     return img.mul_(light.unsqueeze(1) * p.rgb("white"))
 
 
-def _mouth(view: torch.Tensor, g: _Grid, p: _Params) -> None:
+def _mouth(view: torch.Tensor, g: _Grid, p: Params) -> None:
     """Moustache, then lips bent by the smile, dark inside when open."""
     if p["moustache"].any():
-        _paint(view, g.ellipse("tache").mul_(p["moustache"]), p.rgb("hair"))
+        paint(view, g.ellipse("tache").mul_(p["moustache"]), p.rgb("hair"))
     bent = (g.u * g.u).mul_(p["bend"]).add_(g.v)
-    _paint(view, g.ellipse("lips", v=bent), p.rgb("lip"))
+    paint(view, g.ellipse("lips", v=bent), p.rgb("lip"))
     if p["open_on"].any():
-        _paint(view, g.ellipse("inner", v=bent).mul_(p["open_on"]), MOUTH_INSIDE)
+        paint(view, g.ellipse("inner", v=bent).mul_(p["open_on"]), MOUTH_INSIDE)
 
 
-def _eyes(view: torch.Tensor, g: _Grid, p: _Params) -> None:
+def _eyes(view: torch.Tensor, g: _Grid, p: Params) -> None:
     """Lid outline, white, iris and pupil (both eyes look the same way), brows, glasses."""
-    _paint(view, g.ellipse("lid", u=g.au), p.rgb("lid"))
+    paint(view, g.ellipse("lid", u=g.au), p.rgb("lid"))
     white = g.ellipse("white", u=g.au)
-    _paint(view, white, WHITE)
+    paint(view, white, WHITE)
     iris_u = g.au - torch.sign(g.u).mul_(p["gaze"])
-    _paint(view, g.ellipse("iris", u=iris_u).mul_(white), p.rgb("iris"))
-    _paint(view, g.ellipse("pupil", u=iris_u).mul_(white), DARK)
+    paint(view, g.ellipse("iris", u=iris_u).mul_(white), p.rgb("iris"))
+    paint(view, g.ellipse("pupil", u=iris_u).mul_(white), DARK)
     tilted = (g.au - p["eye_x"]).mul_(p["brow_tilt"]).add_(g.v)
-    _paint(view, g.ellipse("brow", u=g.au, v=tilted), p.rgb("brow"))
+    paint(view, g.ellipse("brow", u=g.au, v=tilted), p.rgb("brow"))
     if p["glasses"].any():
         rim = g.ellipse("rim_out", u=g.au).sub_(g.ellipse("rim_in", u=g.au))
-        _paint(view, torch.maximum(rim, g.ellipse("bridge")).mul_(p["glasses"]), p.rgb("frame"))
+        paint(view, torch.maximum(rim, g.ellipse("bridge")).mul_(p["glasses"]), p.rgb("frame"))
 

@@ -1,6 +1,6 @@
 """Seeded random draws: an identity's coarse traits (``_identity``) and an image's jitter (``_jitter``).
 
-Every number comes from a ``_Draws``, a torch.Generator seeded by a stable hash of (seed, split, identity) or
+Every number comes from a ``Draws``, a torch.Generator seeded by a stable hash of (seed, split, identity) or
 (seed, split, identity, sample). Parameters are Python floats in a dict by name, an RGB triple as
 ``<name>_r``, ``<name>_g``, ``<name>_b`` (``_put``); face units as in ``_identity``.
 """
@@ -38,7 +38,7 @@ def _seed(*key) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
-class _Draws:
+class Draws:
     """Uniform numbers from one seeded torch.Generator: a block of scalars consumed in order, then tensors."""
 
     def __init__(self, *key, n: int = 96):
@@ -78,7 +78,7 @@ def _put(p: dict, name: str, rgb) -> None:
     p[name + "_r"], p[name + "_g"], p[name + "_b"] = rgb
 
 
-def _identity(d: _Draws) -> dict[str, float]:
+def _identity(d: Draws) -> dict[str, float]:
     """Scalar identity parameters (face units: the face is ~[-0.6, 0.6] x [-0.75, 0.75], v points down)."""
     p = {"a": d.coarse(0.50, 0.63), "b": d.coarse(0.68, 0.80), "jaw": d.coarse(0.62, 0.98)}
     skin = _palette(SKIN, d.coarse(0.0, 1.0))
@@ -113,7 +113,7 @@ def _identity(d: _Draws) -> dict[str, float]:
     return p
 
 
-def _jitter(d: _Draws, size: int) -> dict[str, float]:
+def _jitter(d: Draws, size: int) -> dict[str, float]:
     """Scalar per-image parameters: pose, expression, lighting, background, noise level."""
     angle = math.radians(d.uniform(-MAX_ANGLE, MAX_ANGLE))
     scale = d.uniform(*SCALE)

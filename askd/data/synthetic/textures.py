@@ -9,14 +9,14 @@ import math
 
 import torch
 
-from .raster import _Params
-from .sampling import _Draws
+from .raster import Params
+from .sampling import Draws
 
 TEXTURE = 96  # detail texture side in texels over face coordinates [-1, 1]^2: ~1.2 px per texel at 112 px
 MOLES = 5  # most moles per identity
 
 
-def _marks(d: _Draws, p: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+def _marks(d: Draws, p: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw an identity's fine marks; scalars go into ``p`` (positions in face units).
 
     Returns the birthmark code's opacity (6, 6) and the flat texel indices of the freckles (n,).
@@ -57,7 +57,7 @@ def _stamp(cu: torch.Tensor, cv: torch.Tensor, half: int) -> tuple[torch.Tensor,
     return (cols + 0.5) * (2 / TEXTURE) - 1, (rows + 0.5) * (2 / TEXTURE) - 1, index.long()
 
 
-def _textures(p: _Params, marks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def _textures(p: Params, marks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Fine-mark opacity (B,1,T,T) in [0, 1] over face coordinates [-1, 1]^2 (T = TEXTURE).
 
     Every mark is a small stamp of texels; stamps are merged by a max (scatter amax, order-free).

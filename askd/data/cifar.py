@@ -24,7 +24,6 @@ horizontal flip is the training loop's. The evaluation view is the image as stor
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import safe_pickle
 from .folders import DataError
 from .views import ViewDataset, view_generator
 
@@ -60,48 +60,14 @@ EXPECTED = ("cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) or
             "(train, test, meta)")
 
 
-def _globals() -> dict[tuple[str, str], object]:
-    # numpy's own reducer gives _reconstruct, so that the deprecated numpy.core path is never imported
-    reconstruct = np.zeros(1).__reduce__()[0]
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for core in ("numpy.core", "numpy._core"):
-        allowed[f"{core}.multiarray", "_reconstruct"] = reconstruct
-    return allowed
-
-
-_GLOBALS = _globals()
-
-
-class _Unpickler(pickle.Unpickler):
-    """Unpickler with ``encoding='bytes'`` (Python 2 str -> bytes) whose globals are only those of _GLOBALS."""
-
-    def __init__(self, file, path: Path):
-        super().__init__(file, encoding="bytes")
-        self.path = path
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _GLOBALS[module, name]
-        except KeyError:
-            raise DataError(f"refusing to load global {module}.{name} from CIFAR file {str(self.path)!r}: it may "
-                            "hold only a dict of numpy uint8 arrays, lists, strings and ints") from None
+HOLDS = "it may hold only a dict of numpy uint8 arrays, lists, strings and ints"
 
 
 def _load(path: Path) -> dict[str, object]:
     """The dict pickled in ``path``, keys decoded to str; DataError if missing, unreadable or not a dict."""
     if not path.is_file():
         raise DataError(f"CIFAR file {str(path)!r} is missing; expected {EXPECTED}")
-    with open(path, "rb") as f:
-        try:
-            obj = _Unpickler(f, path).load()
-        except DataError:
-            raise
-        # A corrupt file fails inside the unpickler in many ways (EOFError, UnpicklingError, TypeError from a numpy
-        # rebuild, ...); with the globals restricted none of them can come from the file's own code.
-        except Exception as err:
-            reason = " ".join(str(err).split())
-            raise DataError(f"CIFAR file {str(path)!r} is not a readable pickle: {type(err).__name__}: {reason}") \
-                from err
+    obj = safe_pickle.load(path, safe_pickle.numpy_globals(), f"CIFAR file {str(path)!r}", HOLDS)
     if not isinstance(obj, dict):
         raise DataError(f"CIFAR file {str(path)!r} holds a {type(obj).__name__}; expected a dict")
     return {_text(key, path, "a key"): value for key, value in obj.items()}

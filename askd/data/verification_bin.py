@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from ..atomic import replacing
+from . import safe_pickle
 from .folders import ENCODINGS, DataError, ImageFolderFaces, check_encoding, encode_image, load_image
 from .pairs import make_pairs
 
@@ -57,16 +58,8 @@ def _empty_bytes():
 
 
 def _safe_globals() -> dict[tuple[str, str], object]:
-    """The globals a .bin may name, under both numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) paths."""
-    # Taken from numpy's own reducers, so that the deprecated numpy.core path is never imported.
-    reconstruct = np.zeros(1).__reduce__()[0]
-    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5 rebuilds arrays from a buffer
-    scalar = np.bool_(True).__reduce__()[0]
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for core in ("numpy.core", "numpy._core"):
-        allowed[f"{core}.multiarray", "_reconstruct"] = reconstruct
-        allowed[f"{core}.multiarray", "scalar"] = scalar
-        allowed[f"{core}.numeric", "_frombuffer"] = frombuffer
+    """The globals a .bin may name: numpy's arrays, dtypes and scalars, and the two calls for bytes."""
+    allowed = safe_pickle.numpy_globals(scalars=True)
     allowed["_codecs", "encode"] = _latin1_encode
     for builtins in ("builtins", "__builtin__"):  # Python 3 writes the Python 2 name for protocol < 3
         allowed[builtins, "bytes"] = _empty_bytes
@@ -74,23 +67,7 @@ def _safe_globals() -> dict[tuple[str, str], object]:
 
 
 _SAFE_GLOBALS = _safe_globals()
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler with ``encoding='bytes'`` whose globals are only those of :data:`_SAFE_GLOBALS`."""
-
-    def __init__(self, file, where: str):
-        super().__init__(file, encoding="bytes")  # Python 2 str -> bytes, as the encoded images need
-        self.where = where
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _SAFE_GLOBALS[module, name]
-        except KeyError:
-            raise DataError(
-                f"refusing to load global {module}.{name} from {self.where}: a verification .bin holds only "
-                "encoded images (bytes or numpy uint8 arrays) and bools"
-            ) from None
+HOLDS = "a verification .bin holds only encoded images (bytes or numpy uint8 arrays) and bools"
 
 
 def _where(path: Path) -> str:
@@ -101,16 +78,7 @@ def _unpickle(path: Path) -> object:
     """The object pickled in ``path``, loaded by the restricted unpickler; DataError if it is no pickle."""
     if not path.exists():
         raise FileNotFoundError(f"{_where(path)} does not exist")
-    with open(path, "rb") as f:
-        try:
-            return _RestrictedUnpickler(f, _where(path)).load()
-        except DataError:
-            raise
-        # A corrupt file fails inside the unpickler in many ways (EOFError, UnpicklingError, KeyError, TypeError
-        # from a numpy rebuild, ...); with the globals restricted none of them can come from the file's own code.
-        except Exception as err:
-            reason = " ".join(str(err).split())  # some unpickler messages span lines
-            raise DataError(f"{_where(path)} is not a readable pickle: {type(err).__name__}: {reason}") from err
+    return safe_pickle.load(path, _SAFE_GLOBALS, _where(path), HOLDS)
 
 
 def _describe(obj) -> str:

@@ -3,6 +3,8 @@
 CPU: B=32, float32; GPU: B=128, bfloat16 (the issue's sizes). Every timed function synchronises the device
 before it returns; inputs are built outside the timed part; warm-up (and compilation) happens first.
 ``profile_call`` adds, outside the timing, one profiled call: its peak memory and the ops its time goes to.
+The machine's roofs (:mod:`bench.roofs`) are measured once at the start of the session, before any benchmark,
+and saved in the JSON's machine_info (tiny sizes in a smoke run, ``--benchmark-disable``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from askd import _ext, backend
+
+from . import roofs as roofline
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 128 if DEVICE == "cuda" else 32
@@ -32,7 +36,7 @@ def sync() -> None:
 
 def skip_reason(impl: str) -> str | None:
     """Why ``impl`` cannot be benchmarked here, or None."""
-    if impl in ("eager", "compile"):
+    if impl in ("eager", "compile", "reference"):
         return None
     if impl == "triton" and DEVICE == "cpu":
         return "Triton runs on a CPU only in its interpreter, a testing mode"
@@ -110,7 +114,19 @@ def _peak_bytes(events) -> int:
     return peak
 
 
+ROOFS: dict = {}  # filled by the session fixture below, read by the machine_info hook at the end
+
+
+@pytest.fixture(scope="session", autouse=True)
+def roofs(request) -> dict:
+    """The machine's roofs, measured before the first benchmark of the session."""
+    if not ROOFS:
+        ROOFS.update(roofline.measure(DEVICE, small=request.config.getoption("benchmark_disable")))
+    return ROOFS
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["roofs"] = ROOFS
     machine_info["torch"] = torch.__version__
     machine_info["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu: {_cpu_model()}"
     machine_info["threads"] = torch.get_num_threads()

@@ -7,8 +7,11 @@ Times are medians (robust to a busy machine); a ratio is eager's median over the
 means faster than eager. Summary lines give geometric means over the IR-50 stage shapes. The training-step
 table adds images/s and the step's peak memory; its "interleaved" ratios divide by the eager steps run
 between each set-up's own rounds (robust to a machine whose speed drifts from one set-up to the next), and
-"where the time goes" lists the top ops of one profiled step per set-up. The PNG is a bar chart of the
-summary (it needs matplotlib: ``pip install matplotlib``).
+"where the time goes" lists the top ops of one profiled step per set-up. The roofline section states every
+figure against the machine's roofs measured in the same session (:mod:`bench.roofs`): the training step in
+GFLOP/s and % of the compute roof of its dtype, CBAM and the loss in GB/s and % of the copy bandwidth. The PNG
+is a bar chart of the summary and, where the JSON has roofs, of each set-up's share of its roof (it needs
+matplotlib: ``pip install matplotlib``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 # implementations (kernel benchmarks) and set-ups (the training step), in table order
-ORDER = ("eager", "eager_amp_cl", "compile", "ext", "triton", "fused", "fused_amp_cl", "fused_compile",
+ORDER = ("eager", "eager_amp_cl", "compile", "reference", "ext", "triton", "fused", "fused_amp_cl", "fused_compile",
          "fused_compile_student_only")
 
 
@@ -120,6 +123,42 @@ def summary(ratios: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def roofline(machine: dict, medians: dict[str, dict[str, float]], extra: dict[str, dict[str, dict]]) -> list[tuple]:
+    """(group, impl, achieved, unit, % of its roof or None) for every benchmark that recorded its work: FLOPs
+    (the training step, against the compute roof of its dtype) or bytes (against the copy bandwidth)."""
+    roofs, rows = machine.get("roofs") or {}, []
+    for group in sorted(medians):
+        for impl in ordered(medians[group]):
+            t, e = medians[group][impl], extra[group][impl]
+            if "flops" in e:
+                rate, unit = e["flops"] / t / 1e9, "GFLOP/s"
+                roof = roofs.get(e.get("dtype", "float32"), {}).get("gflops")
+            elif "bytes" in e:
+                rate, unit, roof = e["bytes"] / t / 1e9, "GB/s", roofs.get("copy", {}).get("gbs")
+            else:
+                continue
+            rows.append((group, impl, rate, unit, 100 * rate / roof if roof else None))
+    return rows
+
+
+def roofline_section(machine: dict, medians, extra) -> list[str]:
+    """The roofs and every figure against them, as markdown; a note where the JSON has no roofs."""
+    roofs = machine.get("roofs")
+    if not roofs:
+        return ["## Roofline", "", "No roofs in this JSON (made before the bench measured them).", ""]
+    lines = ["## Roofline (roofs measured at the start of the same session)", "", "| roof | value | measured by |",
+             "|---|---:|---|"]
+    for dtype in ("float32", "bfloat16"):
+        r = roofs.get(dtype, {})
+        value = f"{r['gflops']:.1f} GFLOP/s" if "gflops" in r else "not measured"
+        lines.append(f"| compute {dtype} | {value} | {r.get('by') or r.get('not_measured', '')} |")
+    lines += [f"| copy bandwidth | {roofs['copy']['gbs']:.1f} GB/s | copy_ of {roofs['copy']['numel']:,} fp32, "
+              "read + write |", "", "| benchmark | impl | achieved | % of roof |", "|---|---|---:|---:|"]
+    for group, impl, rate, unit, pct in roofline(machine, medians, extra):
+        lines.append(f"| {group} | {impl} | {rate:.1f} {unit} | {'-' if pct is None else f'{pct:.1f}%'} |")
+    return [*lines, ""]
+
+
 def report(path: Path, command: str) -> str:
     machine, medians, extra = load(path)
     lines = [
@@ -138,6 +177,7 @@ def report(path: Path, command: str) -> str:
         "## Per group",
         "",
     ]
+    lines += roofline_section(machine, medians, extra)
     for group in sorted(medians):
         lines += group_table(group, medians[group], extra[group])
     profiled = [line for group in sorted(medians) for line in profile_tables(group, extra[group])]
@@ -147,7 +187,8 @@ def report(path: Path, command: str) -> str:
 
 
 def chart(path: Path, out: Path) -> None:
-    """A horizontal bar chart of the summary speed-ups over eager (log scale, 1x marked)."""
+    """Horizontal bar charts: the summary speed-ups over eager (log scale, 1x marked) and, where the JSON has
+    roofs, every benchmark's share of its roof (%)."""
     import matplotlib
     import matplotlib.ticker
 
@@ -156,7 +197,11 @@ def chart(path: Path, out: Path) -> None:
 
     machine, medians, extra = load(path)
     rows = [(f"{kind}: {impl}", r) for kind, impl, r, _, _ in speedups(ratios(medians, extra))][::-1]  # table order
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2))
+    shares = [(f"{group.split(' B=')[0]} {group.split(' B=')[1][:24]}: {impl}", pct)
+              for group, impl, _, _, pct in roofline(machine, medians, extra) if pct is not None][::-1]
+    heights = [0.32 * len(rows) + 1.2] + ([0.22 * len(shares) + 1.2] if shares else [])
+    fig, axes = plt.subplots(len(heights), 1, figsize=(9, sum(heights)), height_ratios=heights, squeeze=False)
+    ax = axes[0][0]
     colours = ["tab:green" if r >= 1 else "tab:red" for _, r in rows]
     # bars grow from 1x: right for faster than eager, left for slower
     ax.barh([label for label, _ in rows], [r - 1 for _, r in rows], left=1.0, color=colours)
@@ -168,6 +213,14 @@ def chart(path: Path, out: Path) -> None:
     ax.set_xlabel("speed-up over eager (median time, geometric mean over shapes; > 1 is faster)")
     ax.set_title(f"askd: {machine.get('device', '?')}, torch {machine.get('torch', '?')}", fontsize=10)
     ax.tick_params(axis="y", labelsize=8)
+    if shares:
+        ax = axes[1][0]
+        ax.barh([label for label, _ in shares], [p for _, p in shares], color="tab:blue")
+        ax.axvline(100.0, color="black", linewidth=0.8)
+        for y, (_, p) in enumerate(shares):
+            ax.text(p, y, f" {p:.0f}%", va="center", fontsize=7)
+        ax.set_xlabel("% of the roof measured in the same session (step: compute of its dtype; ops: copy bandwidth)")
+        ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -12,6 +12,7 @@ import torch
 from askd.nn import CBAM
 
 from .conftest import BATCH, DEVICE, DTYPE, IMPLS, STAGES, skip_reason, sync, warm_up
+from .roofs import cbam_bytes
 
 
 def make(impl: str, channels: int) -> torch.nn.Module:
@@ -31,6 +32,7 @@ def test_cbam(benchmark, impl, stage, mode):
     module = make(impl, C)
     x = torch.randn(BATCH, C, H, H, device=DEVICE).to(DTYPE).contiguous(memory_format=torch.channels_last)
     params = list(module.parameters())
+    benchmark.extra_info["bytes"] = cbam_bytes(BATCH, C, H, x.element_size(), backward=mode == "fwd+bwd")
     autocast = torch.autocast(DEVICE, dtype=DTYPE, enabled=DTYPE != torch.float32)
 
     if mode == "fwd":

@@ -35,6 +35,7 @@ from askd.losses import build
 from askd.train import Phase, Trainer, build_model, freeze, random_flips, teacher_forward, to_input
 
 from .conftest import DEVICE, amp_dtype, profile_call, sync, warm_up
+from .roofs import step_flops
 
 # set-up -> (--fused, --amp + --channels-last, --compile, the teacher as askd.train runs it)
 SETUPS = {
@@ -49,6 +50,7 @@ SETUPS = {
 ARCH, BATCH = ("ir50_cbam", 128) if DEVICE == "cuda" else ("ir_tiny_cbam", 64)
 CLASSES = 1000 if DEVICE == "cuda" else 100
 AMP = amp_dtype()
+STEP_FLOPS = step_flops(ARCH, BATCH, CLASSES)
 
 
 def config(setup: str) -> Config:
@@ -92,6 +94,8 @@ def test_train_step(benchmark, setup, eager_step):
     amp = str(AMP).removeprefix("torch.") if AMP else "off"
     benchmark.group = f"train step B={BATCH} {ARCH} (amp set-ups: autocast {amp}, channels_last)"
     benchmark.extra_info["images_per_step"] = BATCH
+    benchmark.extra_info["flops"] = STEP_FLOPS["total"]  # counted on the meta device (bench.roofs.step_flops)
+    benchmark.extra_info["dtype"] = str(AMP).removeprefix("torch.") if AMP and SETUPS[setup][1] else "float32"
     step = make_step(setup)
     warm_up(benchmark, step)
     between = []

@@ -98,6 +98,10 @@ class Config:
     amp: str = "off"  # bf16 | fp16 | off
     channels_last: bool = False
     compile: bool = False  # torch.compile the models
+    # run the frozen teacher (and assistant) of the students with the BatchNorms after its convolutions and its
+    # embedding's Linear folded into them (askd.nn.fold): the same outputs up to float rounding, less work per step;
+    # false runs the module as loaded. Checkpoints and evaluation always hold and use the unfolded model
+    fold_teacher: bool = True
     fused: bool = False  # fused kernels (backend "auto") for CBAM and the loss where available
     seed: int = 0
     out: str = "runs/askd"  # run folder

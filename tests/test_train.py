@@ -225,8 +225,10 @@ def test_one_run_at_a_time_per_folder(tmp_path, capsys):
 
 
 def test_compile_compiles_the_frozen_teacher_too():
-    """--compile runs the students' teacher through torch.compile as well (measured: bench/test_train_step.py)."""
+    """--compile runs the students' teacher through torch.compile as well (measured: bench/test_train_step.py);
+    fold_teacher=false keeps the module as loaded (its folded copy: tests/test_fold.py)."""
     teacher = models.create("ir_tiny_cbam", embedding_size=32)
-    assert teacher_forward(Config(), teacher) is teacher
-    compiled = teacher_forward(Config(compile=True), teacher)
+    assert teacher_forward(Config(fold_teacher=False), teacher) is teacher
+    compiled = teacher_forward(Config(compile=True, fold_teacher=False), teacher)
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is teacher
+    assert isinstance(teacher_forward(Config(compile=True), teacher), torch._dynamo.eval_frame.OptimizedModule)

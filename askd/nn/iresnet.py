@@ -38,7 +38,8 @@ class PointwiseConv(nn.Conv2d):
     with 8 channels at 112x112 (``ir_tiny_cbam``'s stage-1 shortcut): in bf16 on AVX-512 CPUs without AMX
     (e.g. AMD Zen 4; the weights gradient) and in float32 channels_last on Sapphire Rapids (the input
     gradient). Both read the same input pixels and weights, so outputs and gradients are the same sums.
-    GPUs keep the strided convolution. x (B,Cin,H,W) -> (B,Cout,ceil(H/s),ceil(W/s)).
+    GPUs keep the strided convolution. x (B,Cin,H,W) -> (B,Cout,ceil(H/s),ceil(W/s)). Built without bias; one
+    added later (:func:`askd.nn.fold.fold_batchnorms`) is added on both paths.
     """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int):
@@ -50,7 +51,7 @@ class PointwiseConv(nn.Conv2d):
         # the subsample keeps x's memory format, so the convolution (and its output) keeps it too
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         sub = x[:, :, :: self.stride[0], :: self.stride[1]].contiguous(memory_format=layout)
-        return F.conv2d(sub, self.weight)
+        return F.conv2d(sub, self.weight, self.bias)  # a bias only where askd.nn.fold folded a BN into it
 
 
 class IRBlockCBAM(nn.Module):

@@ -32,6 +32,7 @@ from ..data.sources import TrainData, build_data
 from ..devices import resolve_device
 from ..distributed import SINGLE, World
 from ..losses import build, registry
+from ..nn import fold_batchnorms
 from .fit import fit
 from .tasks import task_of
 from .trainer import Phase, compile_model, freeze
@@ -40,11 +41,14 @@ Frozen = tuple[torch.nn.Module, torch.nn.Module]  # a model and its head
 
 
 def teacher_forward(cfg: Config, teacher: torch.nn.Module):
-    """What the students' steps run the frozen teacher through: with ``--compile`` it is compiled too, once for
-    every student. Measured with bench/test_train_step.py (B=64 ir_tiny_cbam, 2-core Sapphire Rapids Xeon):
-    a --fused --compile step 1.13x faster with bf16 autocast than with the student alone compiled, and as
-    fast in float32, for ~10 s more compilation. Evaluation keeps the plain module (other batch sizes)."""
-    return compile_model(teacher) if cfg.compile else teacher
+    """What the students' steps (and an assistant's) run the frozen teacher through: with ``fold_teacher`` a copy
+    whose BatchNorms after a convolution or Linear are folded into it (:func:`askd.nn.fold_batchnorms`; the same
+    outputs up to float rounding, fewer passes over the activations), and with ``--compile`` that compiled too,
+    once for every student. Measured with bench/test_train_step.py (B=64 ir_tiny_cbam, 2-core Sapphire Rapids
+    Xeon): a --fused --compile step 1.13x faster with bf16 autocast than with the student alone compiled, and as
+    fast in float32, for ~10 s more compilation. Evaluation and the checkpoints keep the plain module."""
+    model = fold_batchnorms(teacher) if cfg.fold_teacher else teacher
+    return compile_model(model) if cfg.compile else model
 
 
 def load_frozen(path: Path, cfg: Config, arch: str, device: torch.device) -> Frozen:

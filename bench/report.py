@@ -24,7 +24,7 @@ from pathlib import Path
 
 # implementations (kernel benchmarks) and set-ups (the training step), in table order
 ORDER = ("eager", "eager_amp_cl", "compile", "reference", "ext", "triton", "fused", "fused_amp_cl", "fused_compile",
-         "fused_compile_student_only")
+         "fused_compile_student_only", "fused_unfolded_teacher")
 
 
 def ordered(impls) -> list[str]:

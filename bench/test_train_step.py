@@ -11,8 +11,10 @@ Set-ups, all on the same model, batch and data, each named by the ``askd.train``
 - ``fused``: ``--fused`` (backend ``auto`` for every CBAM and the loss);
 - ``fused_amp_cl``: ``eager_amp_cl`` + ``--fused``;
 - ``fused_compile``: ``fused_amp_cl`` + ``--compile``;
-- ``fused_compile_student_only``: ``fused_compile`` with the frozen teacher left uncompiled, which the CLI
-  does not do; kept as the measurement behind that choice (``askd.train.teacher_forward``).
+- ``fused_compile_student_only``: ``fused_compile`` with the frozen teacher left uncompiled (still folded),
+  which the CLI does not do; kept as the measurement behind that choice (``askd.train.teacher_forward``);
+- ``fused_unfolded_teacher``: ``fused`` with ``--set fold_teacher=false`` (the teacher's BatchNorms run as
+  they are): the measurement behind folding them.
 CPU: ``ir_tiny_cbam`` (the demo model) at B=64; GPU: ``ir50_cbam`` at B=128.
 
 Between the timed rounds of every set-up, one untimed-by-pytest ``eager`` step runs and is timed on its own
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,15 +40,17 @@ from askd.train import Phase, Trainer, build_model, freeze, random_flips, teache
 from .conftest import DEVICE, amp_dtype, profile_call, sync, warm_up
 from .roofs import step_flops
 
-# set-up -> (--fused, --amp + --channels-last, --compile, the teacher as askd.train runs it)
+# set-up -> (--fused, --amp + --channels-last, --compile, the teacher: "train" as askd.train runs it (folded,
+# compiled with --compile), "uncompiled" folded only, "unfolded" compiled with --compile but not folded)
 SETUPS = {
-    "eager": (False, False, False, True),
-    "eager_amp_cl": (False, True, False, True),
-    "compile": (False, True, True, True),
-    "fused": (True, False, False, True),
-    "fused_amp_cl": (True, True, False, True),
-    "fused_compile": (True, True, True, True),
-    "fused_compile_student_only": (True, True, True, False),
+    "eager": (False, False, False, "train"),
+    "eager_amp_cl": (False, True, False, "train"),
+    "compile": (False, True, True, "train"),
+    "fused": (True, False, False, "train"),
+    "fused_unfolded_teacher": (True, False, False, "unfolded"),
+    "fused_amp_cl": (True, True, False, "train"),
+    "fused_compile": (True, True, True, "train"),
+    "fused_compile_student_only": (True, True, True, "uncompiled"),
 }
 ARCH, BATCH = ("ir50_cbam", 128) if DEVICE == "cuda" else ("ir_tiny_cbam", 64)
 CLASSES = 1000 if DEVICE == "cuda" else 100
@@ -65,8 +70,9 @@ def make_step(setup: str):
     """One training step of ``setup`` as ``askd.train``'s loop runs it, as a callable without arguments."""
     cfg, device = config(setup), torch.device(DEVICE)
     teacher, teacher_head = freeze(*build_model(cfg, ARCH, CLASSES, device))
-    if SETUPS[setup][3]:
-        teacher = teacher_forward(cfg, teacher)
+    how = SETUPS[setup][3]
+    teacher = teacher_forward(replace(cfg, compile=cfg.compile and how != "uncompiled",
+                                      fold_teacher=how != "unfolded"), teacher)
     phase = Phase("student", build("askd", cfg, CLASSES), ARCH, teacher, teacher_head)
     trainer = Trainer.create(cfg, phase, CLASSES, 1000, device)
     g = torch.Generator().manual_seed(0)

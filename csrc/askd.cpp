@@ -2,7 +2,8 @@
 //
 // The schemas of every compiled op live here; csrc/cpu/*.cpp and csrc/cuda/*.cu register their kernels with
 // TORCH_LIBRARY_IMPL(askd, CPU / CUDA). The contracts (what each output holds, the gradient formulas) are
-// written out in askd/ops/cbam.py and askd/ops/cosine_distill.py, whose fake kernels serve torch.compile.
+// written out in askd/ops/cbam.py, askd/ops/cosine_distill.py and askd/ops/prelu.py, whose fake kernels serve
+// torch.compile.
 // Python reaches the ops through torch.ops.askd.* once `import askd._C` has loaded this library.
 
 #include <pybind11/pybind11.h>
@@ -61,6 +62,8 @@ TORCH_LIBRARY(askd, m) {
   m.def(
       "cosine_distill_forward_grad(Tensor[] teacher, Tensor[] student, float weight) -> (Tensor loss, Tensor stats, "
       "Tensor[] dstudent)");
+  // PReLU's gradients for 4-D x and one weight per channel, in one pass over x and grad (askd/ops/prelu.py)
+  m.def("prelu_backward(Tensor grad, Tensor x, Tensor weight) -> (Tensor dx, Tensor dweight)");
 }
 
 // Empty on purpose: importing the module only has to load the library so TORCH_LIBRARY runs.

@@ -113,4 +113,20 @@ inline void check_distill_maps(at::TensorList teacher, at::TensorList student, c
   }
 }
 
+// PReLU's backward: x (B,C,H,W) float with C > 0 (B, H, W may be 0), weight (C,) and grad (B,C,H,W), both of x's
+// dtype and on x's device.
+inline void check_prelu_inputs(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                               const char* op) {
+  TORCH_CHECK(x.dim() == 4 && x.size(1) > 0, op, ": x must be (B,C,H,W) with C > 0, got shape ",
+              shape_str(x.sizes()));
+  TORCH_CHECK(is_kernel_float(x.scalar_type()), op, ": x must be float32, float64, bfloat16 or float16, got ",
+              at::toString(x.scalar_type()));
+  check_shape(weight, {x.size(1)}, op, "weight");
+  check_shape(grad, x.sizes(), op, "grad");
+  check_dtype(weight, x.scalar_type(), op, "weight");
+  check_dtype(grad, x.scalar_type(), op, "grad");
+  check_device(weight, x, op, "weight");
+  check_device(grad, x, op, "grad");
+}
+
 }  // namespace askd

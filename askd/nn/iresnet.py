@@ -12,7 +12,9 @@ Block (authors' ``BottleNeck_IR_CBAM``):
     out = shortcut(x) + res        shortcut = conv1x1(stride s) + BN in a stage's first block, else identity
 No activation after the add. Stem conv3x3(3->w0) + BN + PReLU, no max-pool; every stage starts with
 stride 2 (112 -> 56 -> 28 -> 14 -> 7). Head BN2d -> Dropout -> Flatten -> Linear(C*7*7 -> E) -> BN1d; the
-dropout is :class:`~askd.nn.dropout.ShareDropout`, nn.Dropout in one process and the same draws in many.
+dropout is :class:`~askd.nn.dropout.ShareDropout`, nn.Dropout in one process and the same draws in many. The
+PReLUs are :class:`~askd.nn.prelu.PReLU` (nn.PReLU's weights) with the CBAMs' backend: ``ext`` runs their
+backward as one compiled pass.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from .cbam import CBAM
 from .dropout import ShareDropout
 from .inputs import check_images
+from .prelu import PReLU
 
 Maps = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -63,7 +66,7 @@ class IRBlockCBAM(nn.Module):
             nn.BatchNorm2d(in_ch),
             nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False),
             nn.BatchNorm2d(out_ch),
-            nn.PReLU(out_ch),
+            PReLU(out_ch, backend=cbam.get("backend")),
             nn.Conv2d(out_ch, out_ch, 3, stride, 1, bias=False),
             nn.BatchNorm2d(out_ch),
         )
@@ -108,7 +111,8 @@ class IResNetCBAM(nn.Module):
         cbam = dict(cbam or {})
         self.input_size = input_size
         stem = widths[0]
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.PReLU(stem))
+        prelu = PReLU(stem, backend=cbam.get("backend"))
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), prelu)
         layers = []
         for stage, n in enumerate(blocks):
             in_ch, out_ch = widths[stage], widths[stage + 1]

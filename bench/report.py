@@ -174,10 +174,10 @@ def report(path: Path, command: str) -> str:
         "",
         *summary(ratios(medians, extra)),
         "",
+        *roofline_section(machine, medians, extra),
         "## Per group",
         "",
     ]
-    lines += roofline_section(machine, medians, extra)
     for group in sorted(medians):
         lines += group_table(group, medians[group], extra[group])
     profiled = [line for group in sorted(medians) for line in profile_tables(group, extra[group])]
@@ -197,7 +197,7 @@ def chart(path: Path, out: Path) -> None:
 
     machine, medians, extra = load(path)
     rows = [(f"{kind}: {impl}", r) for kind, impl, r, _, _ in speedups(ratios(medians, extra))][::-1]  # table order
-    shares = [(f"{group.split(' B=')[0]} {group.split(' B=')[1][:24]}: {impl}", pct)
+    shares = [(f"{group.split(' torch.')[0].split(' (')[0]}: {impl}", pct)  # the group without dtype and notes
               for group, impl, _, _, pct in roofline(machine, medians, extra) if pct is not None][::-1]
     heights = [0.32 * len(rows) + 1.2] + ([0.22 * len(shares) + 1.2] if shares else [])
     fig, axes = plt.subplots(len(heights), 1, figsize=(9, sum(heights)), height_ratios=heights, squeeze=False)
@@ -219,7 +219,7 @@ def chart(path: Path, out: Path) -> None:
         ax.axvline(100.0, color="black", linewidth=0.8)
         for y, (_, p) in enumerate(shares):
             ax.text(p, y, f" {p:.0f}%", va="center", fontsize=7)
-        ax.set_xlabel("% of the roof measured in the same session (step: compute of its dtype; ops: copy bandwidth)")
+        ax.set_xlabel("% of the roof measured in the same session\n(step: compute of its dtype; ops: copy bandwidth)")
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

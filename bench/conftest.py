@@ -4,7 +4,8 @@ CPU: B=32, float32; GPU: B=128, bfloat16 (the issue's sizes). Every timed functi
 before it returns; inputs are built outside the timed part; warm-up (and compilation) happens first.
 ``profile_call`` adds, outside the timing, one profiled call: its peak memory and the ops its time goes to.
 The machine's roofs (:mod:`bench.roofs`) are measured once at the start of the session, before any benchmark,
-and saved in the JSON's machine_info (tiny sizes in a smoke run, ``--benchmark-disable``).
+and saved in the JSON's machine_info (tiny sizes in a smoke run, ``--benchmark-disable``); at the end the
+terminal summary prints them and every timed benchmark's share of its roof (:func:`bench.report.roofline`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections import defaultdict
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from askd import _ext, backend
 
 from . import roofs as roofline
+from .report import roofline_section
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 128 if DEVICE == "cuda" else 32
@@ -147,3 +150,18 @@ def _cpu_model() -> str:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The roofs and each timed benchmark's share of them, as bench.report's roofline section prints them."""
+    session = getattr(config, "_benchmarksession", None)  # pytest-benchmark's session: its timed benchmarks
+    timed = [b for b in getattr(session, "benchmarks", []) if b.stats is not None and b.stats.rounds]
+    if not ROOFS or not timed:
+        return
+    medians, extra = defaultdict(dict), defaultdict(dict)
+    for b in timed:
+        impl = (b.params.get("impl") or b.params.get("setup")) if b.params else b.name
+        medians[b.group][impl], extra[b.group][impl] = b.stats.median, b.extra_info
+    terminalreporter.write_sep("=", "askd roofline")
+    for line in roofline_section({"roofs": ROOFS}, medians, extra):
+        terminalreporter.write_line(line)

@@ -26,6 +26,13 @@ def memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type``, or None where autocast is off (or does not exist)."""
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def cbam_mlp(chan: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
     """CBAM's channel MLP on both pooled vectors: chan (B,2,C), w1 (R,C), w2 (C,R) -> (a_c (B,C), hidden (B,2,R)).
 

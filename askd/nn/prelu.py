@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import backend as backends
+from ..numerics import autocast_dtype
 from ..ops import prelu as prelu_ops
 
 
@@ -46,7 +47,7 @@ class PReLU(nn.PReLU):
         name = backends.resolve_constant(self.backend, x.device.type)
         if name != "ext" or x.device.type not in prelu_ops.EXT_DEVICES:
             return super().forward(x)
-        cast_to = _autocast_dtype(x.device.type)
+        cast_to = autocast_dtype(x.device.type)
         if cast_to is not None:
             x, w = (t.to(cast_to) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (x, w))
         if x.dtype != w.dtype or not x.is_floating_point():
@@ -57,8 +58,3 @@ class PReLU(nn.PReLU):
         backend = "" if self.backend is None else f", backend={self.backend!r}"
         return super().extra_repr() + backend
 
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..numerics import acc_dtype, cbam_mlp, cbam_mlp_backward, memory_format
+from ..numerics import acc_dtype, autocast_dtype, cbam_mlp, cbam_mlp_backward, memory_format
 from . import dispatch
 from .dispatch import compiled_ops
 
@@ -275,13 +275,6 @@ def check_inputs(x: Tensor, w1: Tensor, w2: Tensor, ws: Tensor) -> None:
     check_dtypes(x, weights)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast casts to on ``device_type``, or None where autocast is off (or does not exist)."""
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 class DtypeMismatch(ValueError, RuntimeError):
     """x's dtype does not fit the CBAM weights': a ValueError as every input check of the ops, and a RuntimeError
     as the error PyTorch's own convolutions raise for it (what callers of the plain CBAM module have caught)."""
@@ -296,7 +289,7 @@ def check_dtypes(x: Tensor, weights: dict[str, Tensor], who: str = "fused CBAM")
     dtype for every floating tensor but a float64 one, which autocast leaves alone. So bfloat16 or float32 x
     with float32 weights runs under bfloat16 autocast, float64 x with float32 weights raises there too.
     """
-    cast_to = _autocast_dtype(x.device.type)
+    cast_to = autocast_dtype(x.device.type)
 
     def seen(t: Tensor) -> torch.dtype:
         return cast_to if cast_to is not None and t.dtype != torch.float64 else t.dtype

@@ -47,6 +47,7 @@ class Config:
     eval_identities: int = 50  # held-out synthetic identities for verification
     eval_samples: int = 8  # images per held-out synthetic identity
     eval_fraction: float = 0.2  # image folders: share of identities held out for verification
+    val_fraction: float = 0.0  # image folders: share of the training identities held out as "val" pairs (0: none)
     eval_pairs: int = 1200  # verification pairs (half genuine), split into 10 folds
     eval_protocol: str = "insightface"  # insightface | askd
     eval_bins: str = ""  # comma list of verification .bin files to evaluate on (default: a pack's own *.bin)
@@ -327,6 +328,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'momentum': got {cfg.momentum}, expected in [0, 1)")
     if not 0.0 < cfg.eval_fraction < 1.0:
         raise ConfigError(f"config key 'eval_fraction': got {cfg.eval_fraction}, expected in (0, 1)")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"config key 'val_fraction': got {cfg.val_fraction}, expected in [0, 1)")
     if any(not 0.0 < m < 1.0 for m in cfg.milestones):
         raise ConfigError(f"config key 'milestones': got {cfg.milestones}, expected fractions in (0, 1)")
     return cfg

@@ -1,11 +1,15 @@
-"""ImageFolderFaces / list_identities: layout, labels, modes, the shorter-side resize + centre crop, errors."""
+"""ImageFolderFaces / list_identities: layout, labels, modes, the shorter-side resize + centre crop, errors; the
+held-out and validation splits of an image folder (``val_fraction``)."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from askd.config import Config, ConfigError, validate
 from askd.data import ImageFolderFaces, list_identities
+from askd.data.folders import DataError
+from askd.data.sources import build_data
 
 
 def _save(path, array: np.ndarray, mode: str | None = None) -> None:
@@ -119,3 +123,50 @@ def test_corrupt_image_is_named_when_loaded(tree):
         data[names.index("c.png")]
     with pytest.raises(ValueError, match=r"cannot read image .*d\.jpg"):
         data[names.index("d.jpg")]
+
+
+@pytest.fixture
+def ten_people(tmp_path):
+    """p0..p9, 3 grey 16x16 PNGs each, every pixel of person k at grey level 20k (so an image names its person)."""
+    root = tmp_path / "people"
+    for k in range(10):
+        for i in range(3):
+            _save(root / f"p{k}" / f"{i}.png", np.full((16, 16), 20 * k, np.uint8))
+    return root
+
+
+def _people(images: torch.Tensor) -> set[int]:
+    return {int(v) // 20 for v in images[:, 0, 0, 0]}
+
+
+def test_val_fraction_holds_out_the_last_training_identities(ten_people):
+    cfg = Config(data=str(ten_people), eval_fraction=0.2, val_fraction=0.25, eval_pairs=20)
+    data = build_data(cfg)
+    assert list(data.eval_sets) == ["held-out", "val"]  # held-out first: it feeds the attention correlations
+    assert data.num_classes == 6  # 10 people - 2 held out - round(8 * 0.25) = 2 for validation
+    assert _people(torch.stack([img for img, _ in data.train])) == set(range(6))
+    assert _people(data.eval_sets["val"].images) == {6, 7}
+    assert _people(data.eval_sets["held-out"].images) == {8, 9}
+    val = data.eval_sets["val"]
+    assert len(val) == 12 and int(val.issame.sum()) == 6  # 2 people x 3 genuine pairs each: 6 genuine, 6 not
+
+
+def test_without_val_fraction_only_the_held_out_set(ten_people):
+    data = build_data(Config(data=str(ten_people), eval_fraction=0.2, eval_pairs=20))
+    assert list(data.eval_sets) == ["held-out"] and data.num_classes == 8
+
+
+def test_val_fraction_too_large_names_the_key(ten_people):
+    with pytest.raises(DataError, match=r"need at least 9 \(7 held out at val_fraction=0.9"):
+        build_data(Config(data=str(ten_people), eval_fraction=0.2, val_fraction=0.9))
+
+
+def test_val_fraction_needs_an_image_folder():
+    with pytest.raises(DataError, match="val_fraction=0.2 splits an image folder's training identities"):
+        build_data(Config(val_fraction=0.2))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_val_fraction_outside_the_range_is_refused(value):
+    with pytest.raises(ConfigError, match=r"'val_fraction': got .*expected in \[0, 1\)"):
+        validate(Config(val_fraction=value))

@@ -1,5 +1,6 @@
 """Image-folder face dataset: ``ImageFolderFaces(root, size=112, identities=None)``, ``list_identities(root)``
-and ``split_identities(root, fraction, setting)`` (the identities to train on and those held out).
+and ``split_identities(root, fraction, setting)`` (the identities to train on and those held out; the same
+split of a list of names: ``split_names``).
 
 Layout: ``root/<identity>/<image>`` with images ending in .pgm, .png, .jpg or .jpeg (any case); other files
 and deeper folders are ignored. Identities are the folders that hold at least one image, sorted by name
@@ -68,12 +69,17 @@ def list_identities(root: str | Path) -> list[str]:
 def split_identities(root: str | Path, fraction: float, setting: str) -> tuple[list[str], list[str]]:
     """(identities to train on, identities held out): the last ``fraction`` of ``list_identities(root)``
     (at least 2), leaving at least 2; else a DataError that names ``setting`` (the option that asked)."""
-    names = list_identities(root)
+    return split_names(list_identities(root), fraction, setting, str(root))
+
+
+def split_names(names: list[str], fraction: float, setting: str, where: str) -> tuple[list[str], list[str]]:
+    """(first names, last ``fraction`` of ``names``): at least 2 in each part, else a DataError naming ``setting``
+    and ``where`` (the folder or split the names come from)."""
     held = max(2, round(len(names) * fraction))
     if len(names) - held < 2:
         raise DataError(
-            f"{root} has {len(names)} identity folders with images; need at least {held + 2} ({held} held out "
-            f"for evaluation at {setting}={fraction}, 2 to train on)"
+            f"{where} has {len(names)} identity folders with images; need at least {held + 2} ({held} held out "
+            f"at {setting}={fraction}, 2 to train on)"
         )
     return names[:-held], names[-held:]
 

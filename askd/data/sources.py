@@ -7,7 +7,9 @@ Synthetic data holds out a disjoint ``eval`` split and an image folder the last 
 identity folders in sorted order, both as ``eval_pairs`` pairs of the held-out identities ("held-out"); a
 RecordIO pack (a folder with ``train.rec``, ``train.idx``, ``property``) is evaluated on the ``*.bin`` files
 beside it, as InsightFace packs ship them. ``eval_bins`` (a comma list of .bin files) replaces those sets
-for any source.
+for any source. With ``val_fraction`` > 0 an image folder also holds out the last ``val_fraction`` of its
+training identities as ``eval_pairs`` pairs ("val", after the held-out set): a validation split to choose
+settings on, as the A-SKD paper did (20% of the training set), not trained on.
 
 Batches are a pure function of (seed, epoch, position), so a resumed run sees the same batches as an
 uninterrupted one: the epoch's permutation comes from a generator seeded with (seed, epoch), the last
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from .cifar import SIDE as CIFAR_SIDE
 from .cifar import is_cifar, read_cifar
 from .classfolders import ClassFolders, is_class_folders
-from .folders import DataError, ImageFolderFaces, split_identities
+from .folders import DataError, ImageFolderFaces, split_identities, split_names
 from .insightface import RecordDataset, pack_paths
 from .pairs import make_pairs
 from .shapes import ShapesDataset
@@ -76,14 +78,14 @@ def build_data(cfg) -> TrainData:
     ``task = "classify"`` a classification source (:func:`classify_data`)."""
     if cfg.task == "classify":
         return classify_data(cfg)
-    if cfg.data == "synthetic":
-        data = _synthetic(cfg)
-    elif is_pack(cfg.data):
-        data = _pack(cfg)
-    else:
-        data = _folder(cfg)
+    folder = cfg.data != "synthetic" and not is_pack(cfg.data)
+    if cfg.val_fraction > 0 and not folder:
+        raise DataError(f"val_fraction={cfg.val_fraction} splits an image folder's training identities; data "
+                        f"{cfg.data!r} is not an image folder (use val_fraction=0)")
+    data = _folder(cfg) if folder else _synthetic(cfg) if cfg.data == "synthetic" else _pack(cfg)
     if cfg.eval_bins:
-        data.eval_sets = bin_sets([b.strip() for b in cfg.eval_bins.split(",") if b.strip()])
+        val = {"val": data.eval_sets["val"]} if "val" in data.eval_sets else {}
+        data.eval_sets = {**bin_sets([b.strip() for b in cfg.eval_bins.split(",") if b.strip()]), **val}
     return data
 
 
@@ -99,10 +101,11 @@ def possible_pairs(labels: torch.Tensor, wanted: int) -> int:
     return min(wanted, 2 * genuine) // 2 * 2
 
 
-def held_out(images: torch.Tensor, labels: torch.Tensor, cfg) -> dict[str, PairSet]:
-    """``{"held-out": pairs}``: ``eval_pairs`` pairs (half genuine) of the held-out images uint8 (N,3,112,112)."""
+def pair_set(images: torch.Tensor, labels: torch.Tensor, cfg) -> PairSet:
+    """``eval_pairs`` pairs (half genuine, fewer where there are not enough genuine ones) of images uint8
+    (N,3,112,112) with identity labels int64 (N,)."""
     idx_a, idx_b, issame = make_pairs(labels, possible_pairs(labels, cfg.eval_pairs), seed=cfg.seed)
-    return {"held-out": PairSet(images, idx_a, idx_b, torch.as_tensor(issame))}
+    return PairSet(images, idx_a, idx_b, torch.as_tensor(issame))
 
 
 def bin_sets(paths: list[str | Path]) -> dict[str, PairSet]:
@@ -122,7 +125,7 @@ def _synthetic(cfg) -> TrainData:
     index = torch.arange(len(held))
     labels = index // cfg.eval_samples
     images = held.render(labels, index % cfg.eval_samples)
-    return TrainData(train, train.num_classes, held_out(images, labels, cfg), "synthetic faces")
+    return TrainData(train, train.num_classes, {"held-out": pair_set(images, labels, cfg)}, "synthetic faces")
 
 
 def _pack(cfg) -> TrainData:
@@ -141,14 +144,23 @@ def _folder(cfg) -> TrainData:
     root = Path(cfg.data)
     try:
         train_ids, held_ids = split_identities(root, cfg.eval_fraction, "eval_fraction")
+        groups = {"held-out": held_ids}
+        if cfg.val_fraction > 0:
+            # the last val_fraction of the training identities: pairs to choose settings on, so that the held-out
+            # identities are only for the final numbers
+            train_ids, groups["val"] = split_names(train_ids, cfg.val_fraction, "val_fraction",
+                                                   f"the training identities of {root}")
         train = ImageFolderFaces(root, identities=train_ids)
-        held = ImageFolderFaces(root, identities=held_ids)
-        items = [held[i] for i in range(len(held))]
+        sets = {name: pair_set(*decoded(ImageFolderFaces(root, identities=ids)), cfg) for name, ids in groups.items()}
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise e if isinstance(e, DataError) else DataError(str(e)) from None
-    images = torch.stack([img for img, _ in items])
-    labels = torch.tensor([label for _, label in items], dtype=torch.long)
-    return TrainData(train, train.num_classes, held_out(images, labels, cfg), f"image folder {root}")
+    return TrainData(train, train.num_classes, sets, f"image folder {root}")
+
+
+def decoded(faces: ImageFolderFaces) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of ``faces`` decoded: (uint8 (N,3,112,112), labels int64 (N,))."""
+    items = [faces[i] for i in range(len(faces))]
+    return torch.stack([img for img, _ in items]), torch.tensor([label for _, label in items], dtype=torch.long)
 
 
 def classify_data(cfg) -> TrainData:

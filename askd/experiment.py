@@ -6,8 +6,9 @@ the paper's Table 1 over it (verification accuracy, mean +- std over seeds).
 
 The grid: ``--method`` (the config key: every cell trains every student of the grid), ``--scale`` (a comma
 list of 2, 4, 8; default the config's scale) and ``--seeds N`` (N seeds counted from the config's ``seed``;
-default 1); or a ``--grid FILE.toml`` of the keys ``scale`` (a list), ``seeds`` (a count, or a list of seeds)
-and any config key, the base config of every run; or a ``--preset`` (:data:`PRESETS`). Every flag of
+default 1); or a ``--grid FILE.toml`` of the keys ``scale`` (a list), ``seeds`` (a count, or a list of
+seeds), ``teachers`` (as ``--teachers``) and any config key, the base config of every run; or a ``--preset``
+(:data:`PRESETS`). Every flag of
 ``askd.train`` means the same here, except ``--scale``; the experiment sets ``scale``, ``phases`` and
 ``resume`` of each run itself (``low_res_size`` would override the scale, so it is refused). Precedence:
 defaults (``out = "runs/experiment"``) < preset < grid file < ``--config`` < flags < ``--set``.
@@ -15,7 +16,9 @@ defaults (``out = "runs/experiment"``) < preset < grid file < ``--config`` < fla
 ``OUT/`` holds plain ``askd.train`` run folders:
 
 - ``seed{k}/``: seed k's HR teacher (``phases = "teacher"``), trained once for every scale: it sees only HR
-  faces, so it does not depend on the scale (with the config key ``teacher`` set, that teacher is used instead);
+  faces, so it does not depend on the scale (with the config key ``teacher`` set, that teacher is used instead;
+  with ``--teachers DIR``, seed k's teacher of the earlier experiment in DIR, so that students of other settings
+  are paired with the same teachers);
 - ``scale{s}_seed{k}/``: a cell: every student of the grid distilled at scale s from seed k's teacher (config
   key ``teacher``), then the teacher on HR and LR and every student on LR verified (``results.json``);
 - ``table.md``, ``table.json``: per resolution and model, on each verification set, the accuracy's mean and
@@ -62,7 +65,7 @@ PRESETS = {
     # Table 4: LR image classification (the paper's section 5.1, 4x ImageNet); every student with logit KD
     "table4": {"task": "classify", "method": "base,kd,at+kd,rkd+kd,askd+kd", "scale": [4]},
 }
-GRID_KEYS = ("scale", "seeds")
+GRID_KEYS = ("scale", "seeds", "teachers")
 # config keys the experiment sets for each run (no flags for them here)
 OWN_KEYS = ("scale", "low_res_size", "phases", "resume")
 DEFAULT_OUT = "runs/experiment"
@@ -80,17 +83,20 @@ class Run:
 
 @dataclass(frozen=True)
 class Grid:
-    """The base config (its ``out`` is the experiment's folder), the scales and the seeds."""
+    """The base config (its ``out`` is the experiment's folder), the scales, the seeds, and the folder of an
+    earlier experiment whose teachers the cells distil from ("" to train them)."""
 
     base: Config
     scales: list[int]
     seeds: list[int]
+    teachers: str = ""
 
     def runs(self) -> list[Run]:
-        """Seed by seed: the teacher's run (unless the config key ``teacher`` names one), then a cell per scale."""
+        """Seed by seed: the teacher's run (unless the config key ``teacher`` names one, or ``teachers`` an earlier
+        experiment's), then a cell per scale."""
         out, runs = Path(self.base.out), []
         for seed in self.seeds:
-            teacher = self.base.teacher
+            teacher = self.base.teacher or (self.teachers and teacher_of(self.teachers, seed))
             if not teacher:
                 folder = out / f"seed{seed}"
                 keys = {"seed": seed, "scale": self.scales[0], "out": str(folder), "phases": "teacher"}
@@ -103,13 +109,24 @@ class Grid:
         return runs
 
 
+def teacher_of(experiment: str, seed: int) -> str:
+    """The HR teacher that the experiment in folder ``experiment`` trained for ``seed``; a ConfigError if none."""
+    path = Path(experiment) / f"seed{seed}" / "teacher" / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(f"teachers {experiment!r}: no teacher for seed {seed} ({path} not found); run that "
+                          f"experiment with seed {seed} first, or leave out --teachers")
+    return str(path)
+
+
 def parse_args(argv: list[str] | None) -> Grid:
     """Command line -> Grid (see the module docstring for the precedence)."""
     p = argparse.ArgumentParser(prog="python -m askd.experiment", description=__doc__.split("\n\n")[0],
                                 epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", dest="scales", metavar="S,S,...", help="comma list of LR scales (2, 4, 8)")
     p.add_argument("--seeds", type=int, metavar="N", help="number of seeds, counted from the config's seed")
-    p.add_argument("--grid", metavar="FILE.toml", help="grid file: scale, seeds and config keys")
+    p.add_argument("--teachers", metavar="DIR", help="distil from the HR teachers of the earlier experiment in DIR "
+                   "(DIR/seed<k>/teacher/checkpoint.pt per seed) instead of training them")
+    p.add_argument("--grid", metavar="FILE.toml", help="grid file: scale, seeds, teachers and config keys")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the methods and scales of the paper's table 1, 3 or 4")
     add_config_flags(p, skip=OWN_KEYS)
     args = p.parse_args(argv)
@@ -118,9 +135,15 @@ def parse_args(argv: list[str] | None) -> Grid:
         grid["scale"] = (args.scales, "--scale")
     if args.seeds is not None:
         grid["seeds"] = (args.seeds, "--seeds")
+    if args.teachers is not None:
+        grid["teachers"] = (args.teachers, "--teachers")
     cfg = check_base(config_from(args, base))
     scales = scale_list(*grid.get("scale", ([cfg.scale], "config")))
-    return Grid(cfg, scales, seed_list(*grid.get("seeds", (1, "default")), first=cfg.seed))
+    teachers, source = grid.get("teachers", ("", "default"))
+    if not isinstance(teachers, str) or (teachers and cfg.teacher):
+        raise ConfigError(f"{source}: teachers {teachers!r}, expected the folder of an earlier experiment, and "
+                          f"not together with the config key 'teacher'")
+    return Grid(cfg, scales, seed_list(*grid.get("seeds", (1, "default")), first=cfg.seed), teachers)
 
 
 def file_layers(args: argparse.Namespace) -> tuple[Config, dict[str, tuple[Any, str]]]:

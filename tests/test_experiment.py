@@ -47,6 +47,21 @@ def test_a_tiny_grid_end_to_end(tmp_path, monkeypatch, capsys):
         assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_students_of_other_settings_distil_from_an_earlier_experiments_teachers(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert experiment.main([*ONE_STEP, "--method", "base", "--scale", "8", "--seeds", "2", "--out", str(first)]) == 0
+    argv = [*ONE_STEP, "--method", "askd", "--set", "distill_weight=20", "--scale", "8", "--seeds", "2"]
+    assert experiment.main([*argv, "--teachers", str(first), "--out", str(second)]) == 0
+    assert sorted(p.name for p in second.iterdir() if p.is_dir()) == ["scale8_seed0", "scale8_seed1"]  # no teachers
+    for k in (0, 1):
+        teacher = first / f"seed{k}" / "teacher" / "checkpoint.pt"
+        assert f'teacher = "{teacher}"' in (second / f"scale8_seed{k}" / "config.toml").read_text()
+    # the same teacher, so the same teacher rows as the first experiment's cells
+    a, b = (json.loads((d / "scale8_seed1" / "results.json").read_text())["verification"]["held-out"]
+            for d in (first, second))
+    assert a["teacher (LR)"] == b["teacher (LR)"] and "student askd (LR)" in b
+
+
 class FakeWriter:
     """SummaryWriter's interface as write_events uses it; records what it is given."""
 
@@ -175,6 +190,8 @@ def test_the_table_arithmetic():
     (["--set", "low_res_size=20"], "config key 'low_res_size'"),
     (["--set", "phases=teacher"], "config key 'phases'"),
     (["--grid", "{grid}"], "unknown config key 'sedes'"),
+    (["--teachers", "{grid}"], "no teacher for seed 0"),
+    (["--teachers", "x", "--set", "teacher=t.pt"], "not together with the config key 'teacher'"),
 ])
 def test_bad_grids_are_refused(tmp_path, capsys, argv, says):
     grid = tmp_path / "grid.toml"

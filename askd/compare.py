@@ -1,0 +1,292 @@
+"""``python -m askd.compare``: students of one or more ``askd.experiment`` folders against the baseline student of
+the same seed and teacher; settings chosen on one verification set, reported on another.
+
+    python -m askd.compare runs/main runs/askd_w20 runs/epochs40 --select val --report held-out --out runs/cmp
+
+A *setting* is a student method in one experiment folder, named by the method and the config keys that differ
+between the folders (``askd, distill_weight=20``). Each of its runs, one per (scale, seed), is paired with the
+``--baseline`` student (default ``base``) of the same cell: from its own folder where that trained one, else from
+the first folder; a pair whose two runs distilled from different teachers is refused. Per scale and per pair
+of (setting, baseline) over the seeds, on a set: the mean difference (percentage points), its 95% confidence
+interval (Student's t), the paired t-test's two-sided p, the exact sign-flip test's p (every +- assignment of
+the differences; with n pairs it cannot go below 2 / 2^n), and wins / ties / losses. Rows "all" pool the scales.
+
+The choice: per scale and method, the setting with the highest mean accuracy on ``--select`` (the baseline's
+settings compete too). The report gives every setting on both sets, marks the chosen ones, and tests the chosen
+ones on ``--report``: settings chosen on a validation split and tested on held-out identities, as the paper did.
+
+``OUT/compare.md``, ``OUT/compare.json`` and, with matplotlib, ``OUT/paired.png``: the per-seed differences of
+the chosen settings on ``--report`` with their mean and confidence interval. Bad input ends with one line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import replacing
+from .config import Config, ConfigError, apply, load_toml
+from .experiment import resolution
+
+# keys that name where a run is or which cell it is, not its setting
+PLACE_KEYS = ("out", "teacher", "seed", "scale", "resume", "method", "phases")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A student method trained with one config (an experiment folder): ``name`` for tables, ``runs`` its cells
+    {(scale, seed): results.json's dict}, ``teachers`` {(scale, seed): teacher checkpoint}."""
+
+    name: str
+    method: str
+    folder: Path
+    runs: dict[tuple[int, int], dict]
+    teachers: dict[tuple[int, int], str]
+
+
+def read_folder(folder: Path) -> tuple[Config, dict[tuple[int, int], dict], dict[tuple[int, int], str]]:
+    """An experiment folder's config (of its first cell), its finished cells' results and their teachers."""
+    cells = sorted(folder.glob("scale*_seed*/results.json"))
+    if not cells:
+        raise ConfigError(f"{folder}: no finished cells (scale<s>_seed<k>/results.json); is it an askd.experiment "
+                          f"folder?")
+    runs, teachers, cfg = {}, {}, None
+    for path in cells:
+        c = apply(Config(), load_toml(path.parent / "config.toml"), str(path.parent / "config.toml"))
+        cfg = cfg or c
+        runs[(c.scale, c.seed)] = json.loads(path.read_text())
+        teachers[(c.scale, c.seed)] = str(Path(c.teacher).resolve())
+    return cfg, runs, teachers
+
+
+def settings_of(folders: list[Path]) -> list[Setting]:
+    """Every (folder, student method) as a Setting, named by the config keys that differ between the folders."""
+    read = [(folder, *read_folder(folder)) for folder in folders]
+    configs = [vars(cfg) for _, cfg, _, _ in read]
+    differ = [k for k in configs[0] if k not in PLACE_KEYS and len({repr(c[k]) for c in configs}) > 1]
+    found = []
+    for folder, cfg, runs, teachers in read:
+        label = ", ".join(f"{k}={getattr(cfg, k)}" for k in differ)
+        for method in (m.strip() for m in cfg.method.split(",")):
+            found.append(Setting(f"{method}, {label}" if label else method, method, folder, runs, teachers))
+    return found
+
+
+def accuracy(s: Setting, cell: tuple[int, int], name: str) -> float:
+    """Verification accuracy (%) of setting ``s``'s student in ``cell`` on set ``name``."""
+    sets = s.runs[cell]["verification"]
+    if name not in sets:
+        raise ConfigError(f"{s.folder / 'scale{}_seed{}'.format(*cell)}: no verification set {name!r} "
+                          f"(it has {', '.join(sets)}); train with --set val_fraction=0.2 for a 'val' set")
+    return 100 * sets[name][f"student {s.method} (LR)"]["accuracy"]
+
+
+def baseline_of(s: Setting, settings: list[Setting], baseline: str) -> Setting:
+    """The baseline Setting that ``s`` is paired with: its own folder's, else the first folder's."""
+    own = [b for b in settings if b.method == baseline and b.folder == s.folder]
+    first = [b for b in settings if b.method == baseline and b.folder == settings[0].folder]
+    if not own and not first:
+        raise ConfigError(f"no {baseline!r} student in {s.folder} or {settings[0].folder}; name the baseline's "
+                          f"folder first or pass --baseline")
+    return (own or first)[0]
+
+
+def t_cdf(t: float, df: int) -> float:
+    """P(T <= t) of Student's t with ``df`` degrees of freedom: 1/2 + the density integrated from 0 (Simpson)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    n, x = 2000, abs(t)
+    f = [math.exp(log_c - (df + 1) / 2 * math.log1p((i * x / n) ** 2 / df)) for i in range(n + 1)]
+    area = x / n / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+    return 0.5 + math.copysign(area, t)
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The t with P(T <= t) = q (bisection on :func:`t_cdf`)."""
+    lo, hi = -1e3, 1e3
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Exact two-sided p of the sign-flip (permutation) test: the share of the 2^n +- assignments whose |mean| is
+    at least the observed one."""
+    observed = abs(sum(diffs))
+    flips = [abs(sum(s * d for s, d in zip(signs, diffs, strict=True)))
+             for signs in itertools.product((1, -1), repeat=len(diffs))]
+    return sum(f >= observed - 1e-9 for f in flips) / len(flips)
+
+
+def paired(diffs: list[float]) -> dict:
+    """Mean difference, 95% t interval, paired t-test p, sign-flip p, wins/ties/losses of paired differences."""
+    n, mean = len(diffs), statistics.fmean(diffs)
+    out = {"n": n, "mean": mean, "diffs": diffs, "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
+           "losses": sum(d < 0 for d in diffs), "sign_flip_p": sign_flip_p(diffs)}
+    sd = statistics.stdev(diffs) if n > 1 else 0.0
+    if n > 1 and sd > 0:
+        half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+        t = mean / (sd / math.sqrt(n))
+        out.update(ci=[mean - half, mean + half], t=t, t_p=2 * (1 - t_cdf(abs(t), n - 1)))
+    else:  # one pair, or identical differences: no interval
+        out.update(ci=None, t=None, t_p=None)
+    return out
+
+
+def pair_diffs(s: Setting, b: Setting, scale: int | None, name: str) -> list[float]:
+    """Accuracy of ``s`` minus that of ``b`` (points) on set ``name``, per seed of ``scale`` (None: every scale),
+    over the cells both have; a ConfigError where a pair's two runs distilled from different teachers."""
+    cells = [c for c in s.runs if c in b.runs and scale in (None, c[0])]
+    for c in cells:
+        if s.teachers[c] != b.teachers[c]:
+            raise ConfigError(f"{s.name} and {b.name} at scale {c[0]}, seed {c[1]} distilled from different teachers "
+                              f"({s.teachers[c]}, {b.teachers[c]}); run the later experiment with --teachers")
+    return [accuracy(s, c, name) - accuracy(b, c, name) for c in cells]
+
+
+def summary(s: Setting, scale: int, name: str) -> dict:
+    """Mean and sample std (None for one seed) of ``s``'s accuracy on set ``name`` over the seeds of ``scale``."""
+    values = [accuracy(s, c, name) for c in s.runs if c[0] == scale]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def compare(folders: list[Path], baseline: str, select: str, report: str) -> dict:
+    """compare.json's dict: every setting per scale (``settings``) and the chosen ones tested (``chosen``)."""
+    settings = settings_of(folders)
+    if not any(s.method == baseline for s in settings):
+        raise ConfigError(f"no {baseline!r} student in {', '.join(map(str, folders))}")
+    scales = sorted({c[0] for s in settings for c in s.runs})
+    rows, chosen = [], []
+    for scale in scales:
+        here = [s for s in settings if any(c[0] == scale for c in s.runs)]
+        best = {}  # per method, the setting with the highest mean on the selection set (the first of ties)
+        for s in sorted(here, key=lambda s: -summary(s, scale, select)["mean"]):
+            best.setdefault(s.method, s)
+        for s in here:
+            b = baseline_of(s, settings, baseline)
+            row = {"scale": scale, "setting": s.name, "method": s.method, "baseline": b.name,
+                   "chosen": best[s.method] is s, select: summary(s, scale, select), report: summary(s, scale, report)}
+            if b is not s:
+                row["paired"] = {name: paired(pair_diffs(s, b, scale, name)) for name in (select, report)}
+            rows.append(row)
+        b = best[baseline]
+        for method, s in best.items():
+            if method != baseline:
+                chosen.append({"scale": scale, "setting": s.name, "baseline": b.name,
+                               "paired": paired(pair_diffs(s, b, scale, report))})
+    return {"folders": [str(f) for f in folders], "baseline": baseline, "select": select, "report": report,
+            "scales": scales, "settings": rows, "chosen": chosen}
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    """``x`` with ``digits`` decimals, ``-`` for None."""
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def paired_cells(p: dict) -> list[str]:
+    """A paired comparison as table cells: mean difference, 95% CI, t-test p, sign-flip p, wins/ties/losses."""
+    ci = "-" if p["ci"] is None else f"[{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}]"
+    wtl = f"{p['wins']}/{p['ties']}/{p['losses']}"
+    return [f"{p['mean']:+.2f}", ci, fmt(p["t_p"], 3), f"{p['sign_flip_p']:.3f}", wtl]
+
+
+def format_report(t: dict) -> str:
+    """Markdown of compare.json's dict: the chosen settings tested, then every setting."""
+    sel, rep = t["select"], t["report"]
+    lines = [
+        f"Settings chosen on '{sel}' (highest mean accuracy per scale and method), tested on '{rep}': accuracy "
+        f"difference to the chosen {t['baseline']} student of the same seed and teacher, percentage points; 95% CI "
+        f"(Student's t), paired t-test p, exact sign-flip p, wins/ties/losses over the seeds",
+        "",
+        "| resolution | setting | against | n | mean Δ | 95% CI | t-test p | sign-flip p | W/T/L |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in t["chosen"]:
+        p = row["paired"]
+        lines.append(f"| {resolution(row['scale'])} | {row['setting']} | {row['baseline']} | {p['n']} | "
+                     + " | ".join(paired_cells(p)) + " |")
+    lines += [
+        "",
+        f"Every setting: accuracy % (mean ± std over seeds) on '{sel}' and '{rep}'; Δ: the paired difference to its "
+        f"own folder's {t['baseline']} student (else the first folder's), mean [95% CI]; * = chosen on '{sel}'",
+        "",
+        f"| resolution | setting | n | {sel} | Δ {sel} | {rep} | Δ {rep} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in t["settings"]:
+        cells = []
+        for name in (sel, rep):
+            s = row[name]
+            cells.append(f"{s['mean']:.2f} ± {fmt(s['std'])}")
+            p = row.get("paired", {}).get(name)
+            ci = "" if p is None or p["ci"] is None else f" [{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}]"
+            cells.append("-" if p is None else f"{p['mean']:+.2f}{ci}")
+        name = row["setting"] + (" *" if row["chosen"] else "")
+        lines.append(f"| {resolution(row['scale'])} | {name} | {row[sel]['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def draw(path: Path, t: dict) -> None:
+    """``path`` (PNG): per scale, each chosen setting's per-seed differences to the baseline on the report set,
+    with the mean and its 95% CI; a printed note instead where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"askd.compare: matplotlib is not installed (pip install matplotlib): no {path.name}")
+        return
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(t["scales"]), figsize=(1 + 3.2 * len(t["scales"]), 4), squeeze=False, sharey=True)
+    for ax, scale in zip(axes[0], t["scales"], strict=True):
+        rows = [r for r in t["chosen"] if r["scale"] == scale]
+        for i, row in enumerate(rows):
+            p = row["paired"]
+            ax.scatter([i] * p["n"], p["diffs"], s=14, color="tab:gray", zorder=2)
+            err = None if p["ci"] is None else [[p["mean"] - p["ci"][0]], [p["ci"][1] - p["mean"]]]
+            ax.errorbar([i + 0.15], [p["mean"]], yerr=err, fmt="o", color="tab:red", capsize=4, zorder=3)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(rows)), [r["setting"].replace(", ", "\n") for r in rows], fontsize="small")
+        ax.set_title(f"{resolution(scale)}: chosen on {t['select']}", fontsize="medium")
+    axes[0][0].set_ylabel(f"{t['report']} accuracy − {t['baseline']} (points)")
+    fig.tight_layout()
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m askd.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", type=Path, help="askd.experiment folders (the first one's baseline is the "
+                   "reference)")
+    p.add_argument("--baseline", default="base", help="the student method compared against (default base)")
+    p.add_argument("--select", default="val", help="verification set the settings are chosen on (default val)")
+    p.add_argument("--report", default="held-out", help="verification set the chosen ones are tested on")
+    p.add_argument("--out", type=Path, help="folder for compare.md, compare.json and paired.png")
+    args = p.parse_args(argv)
+    try:
+        t = compare(args.folders, args.baseline, args.select, args.report)
+    except (ConfigError, OSError, ValueError) as e:
+        print(f"askd.compare: error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with replacing(args.out / "compare.json") as tmp:
+            tmp.write_text(json.dumps(t, indent=2) + "\n")
+        with replacing(args.out / "compare.md") as tmp:
+            tmp.write_text(format_report(t) + "\n")
+        draw(args.out / "paired.png", t)
+    print(format_report(t))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

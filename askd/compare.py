@@ -9,7 +9,7 @@ between the folders (``askd, distill_weight=20``). Each of its runs, one per (sc
 the first folder; a pair whose two runs distilled from different teachers is refused. Per scale and per pair
 of (setting, baseline) over the seeds, on a set: the mean difference (percentage points), its 95% confidence
 interval (Student's t), the paired t-test's two-sided p, the exact sign-flip test's p (every +- assignment of
-the differences; with n pairs it cannot go below 2 / 2^n), and wins / ties / losses. Rows "all" pool the scales.
+the differences; with n pairs it cannot go below 2 / 2^n), and wins / ties / losses.
 
 The choice: per scale and method, the setting with the highest mean accuracy on ``--select`` (the baseline's
 settings compete too). The report gives every setting on both sets, marks the chosen ones, and tests the chosen
@@ -191,11 +191,16 @@ def fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def signed(x: float) -> str:
+    """``x`` with a sign and 2 decimals; a difference that rounds to zero is ``+0.00``, not ``-0.00``."""
+    return f"{round(x, 2) + 0.0:+.2f}"
+
+
 def paired_cells(p: dict) -> list[str]:
     """A paired comparison as table cells: mean difference, 95% CI, t-test p, sign-flip p, wins/ties/losses."""
-    ci = "-" if p["ci"] is None else f"[{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}]"
+    ci = "-" if p["ci"] is None else f"[{signed(p['ci'][0])}, {signed(p['ci'][1])}]"
     wtl = f"{p['wins']}/{p['ties']}/{p['losses']}"
-    return [f"{p['mean']:+.2f}", ci, fmt(p["t_p"], 3), f"{p['sign_flip_p']:.3f}", wtl]
+    return [signed(p["mean"]), ci, fmt(p["t_p"], 3), f"{p['sign_flip_p']:.3f}", wtl]
 
 
 def format_report(t: dict) -> str:
@@ -227,8 +232,8 @@ def format_report(t: dict) -> str:
             s = row[name]
             cells.append(f"{s['mean']:.2f} ± {fmt(s['std'])}")
             p = row.get("paired", {}).get(name)
-            ci = "" if p is None or p["ci"] is None else f" [{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}]"
-            cells.append("-" if p is None else f"{p['mean']:+.2f}{ci}")
+            ci = "" if p is None or p["ci"] is None else f" [{signed(p['ci'][0])}, {signed(p['ci'][1])}]"
+            cells.append("-" if p is None else signed(p["mean"]) + ci)
         name = row["setting"] + (" *" if row["chosen"] else "")
         lines.append(f"| {resolution(row['scale'])} | {name} | {row[sel]['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ def test_paired_statistics_by_hand():
     assert p["t_p"] == pytest.approx(0.07286, abs=1e-4)  # scipy.stats.ttest_1samp(d, 0).pvalue
     assert (p["wins"], p["ties"], p["losses"]) == (4, 0, 1) and p["sign_flip_p"] == 4 / 32
     assert compare.paired([2.0, 2.0])["ci"] is None  # no spread: no interval
+    assert compare.signed(-0.0001) == "+0.00" and compare.signed(-1.5) == "-1.50"  # no "-0.00" in the tables
 
 
 def make_experiment(folder, method, accs, teachers, **keys):

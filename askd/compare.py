@@ -16,8 +16,9 @@ settings compete too). The report gives every setting on both sets, marks the ch
 ones on ``--report``: settings chosen on a validation split and tested on held-out identities, as the paper did.
 
 ``OUT/compare.md``, ``OUT/compare.json`` and, with matplotlib, ``OUT/paired.png``: the per-seed differences of
-the chosen settings on ``--report`` with their mean and confidence interval. Bad input ends with one line on
-stderr and exit status 2.
+the chosen settings on ``--report`` with their mean and confidence interval. An unfinished experiment (no
+``table.json``) is read with its finished cells and a note on stderr. Bad input ends with one line on stderr
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def read_folder(folder: Path) -> tuple[Config, dict[tuple[int, int], dict], dict
     if not cells:
         raise ConfigError(f"{folder}: no finished cells (scale<s>_seed<k>/results.json); is it an askd.experiment "
                           f"folder?")
+    if not (folder / "table.json").is_file():  # the experiment is still running, or was interrupted
+        print(f"askd.compare: {folder}: experiment not finished (no table.json); using its {len(cells)} finished "
+              f"cells", file=sys.stderr)
     runs, teachers, cfg = {}, {}, None
     for path in cells:
         c = apply(Config(), load_toml(path.parent / "config.toml"), str(path.parent / "config.toml"))
@@ -178,7 +182,8 @@ def compare(folders: list[Path], baseline: str, select: str, report: str) -> dic
                 row["paired"] = {name: paired(pair_diffs(s, b, scale, name)) for name in (select, report)}
             rows.append(row)
         b = best[baseline]
-        for method, s in best.items():
+        for method in dict.fromkeys(s.method for s in here):  # in the folders' order, not by rank
+            s = best[method]
             if method != baseline:
                 chosen.append({"scale": scale, "setting": s.name, "baseline": b.name,
                                "paired": paired(pair_diffs(s, b, scale, report))})

@@ -46,6 +46,7 @@ def make_experiment(folder, method, accs, teachers, **keys):
         sets = {name: {f"student {m} (LR)": {"accuracy": a[i] / 100, "std": 0.01} for m, a in per_method.items()}
                 for i, name in enumerate(("val", "held-out"))}
         (cell / "results.json").write_text(json.dumps({"verification": sets}))
+    (folder / "table.json").write_text("{}")  # the experiment finished
 
 
 @pytest.fixture
@@ -91,6 +92,12 @@ def compare_has_matplotlib() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("matplotlib") is not None
+
+
+def test_an_unfinished_experiment_is_named(study, capsys):
+    (study / "w20" / "table.json").unlink()
+    compare.compare([study / "main", study / "w20"], "base", "val", "held-out")
+    assert "w20: experiment not finished (no table.json); using its 3 finished cells" in capsys.readouterr().err
 
 
 def test_students_of_other_teachers_are_not_paired(study):

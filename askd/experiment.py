@@ -8,10 +8,10 @@ The grid: ``--method`` (the config key: every cell trains every student of the g
 list of 2, 4, 8; default the config's scale) and ``--seeds N`` (N seeds counted from the config's ``seed``;
 default 1); or a ``--grid FILE.toml`` of the keys ``scale`` (a list), ``seeds`` (a count, or a list of
 seeds), ``teachers`` (as ``--teachers``) and any config key, the base config of every run; or a ``--preset``
-(:data:`PRESETS`). Every flag of
-``askd.train`` means the same here, except ``--scale``; the experiment sets ``scale``, ``phases`` and
-``resume`` of each run itself (``low_res_size`` would override the scale, so it is refused). Precedence:
-defaults (``out = "runs/experiment"``) < preset < grid file < ``--config`` < flags < ``--set``.
+(:data:`PRESETS`). Every flag of ``askd.train`` means the same here, except ``--scale``; the experiment sets
+``scale``, ``phases`` and ``resume`` of each run itself (``low_res_size`` would override the scale, so it is
+refused). Precedence: defaults (``out = "runs/experiment"``) < preset < grid file < ``--config`` < flags <
+``--set``.
 
 ``OUT/`` holds plain ``askd.train`` run folders:
 

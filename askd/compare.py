@@ -4,12 +4,14 @@ the same seed and teacher; settings chosen on one verification set, reported on 
     python -m askd.compare runs/main runs/askd_w20 runs/epochs40 --select val --report held-out --out runs/cmp
 
 A *setting* is a student method in one experiment folder, named by the method and the config keys that differ
-between the folders (``askd, distill_weight=20``). Each of its runs, one per (scale, seed), is paired with the
-``--baseline`` student (default ``base``) of the same cell: from its own folder where that trained one, else from
-the first folder; a pair whose two runs distilled from different teachers is refused. Per scale and per pair
-of (setting, baseline) over the seeds, on a set: the mean difference (percentage points), its 95% confidence
+between the folders (``askd, distill_weight=20``; with the folder's name where that is not enough). Each of its
+runs, one per (scale, seed), is paired with the ``--baseline`` student (default ``base``) of the same cell: from
+its own folder where that trained one, else from the first folder (also for a baseline student of a later
+folder); a pair whose two runs distilled from different teachers is refused. Per scale and per pair of
+(setting, baseline) over the seeds, on a set: the mean difference (percentage points), its 95% confidence
 interval (Student's t), the paired t-test's two-sided p, the exact sign-flip test's p (every +- assignment of
-the differences; with n pairs it cannot go below 2 / 2^n), and wins / ties / losses.
+the differences; with n pairs it cannot go below 2 / 2^n), and wins / ties / losses. A set is a verification
+set of face runs (``held-out``, ``val``, a .bin's name) or a classification run's ``"<split> top-1"``.
 
 The choice: per scale and method, the setting with the highest mean accuracy on ``--select`` (the baseline's
 settings compete too). The report gives every setting on both sets, marks the chosen ones, and tests the chosen
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from .atomic import replacing
 from .config import Config, ConfigError, apply, load_toml
-from .experiment import resolution
+from .experiment import resolution, scores
 
 # keys that name where a run is or which cell it is, not its setting
 PLACE_KEYS = ("out", "teacher", "seed", "scale", "resume", "method", "phases")
@@ -75,26 +77,31 @@ def settings_of(folders: list[Path]) -> list[Setting]:
     read = [(folder, *read_folder(folder)) for folder in folders]
     configs = [vars(cfg) for _, cfg, _, _ in read]
     differ = [k for k in configs[0] if k not in PLACE_KEYS and len({repr(c[k]) for c in configs}) > 1]
+    labels = [", ".join(f"{k}={getattr(cfg, k)}" for k in differ) for _, cfg, _, _ in read]
+    if len(set(labels)) < len(labels):  # folders of the same settings (other seeds, say): their names tell them apart
+        names = [f"folder {folder.name}" for folder, *_ in read]
+        labels = [", ".join(filter(None, pair)) for pair in zip(labels, names, strict=True)]
     found = []
-    for folder, cfg, runs, teachers in read:
-        label = ", ".join(f"{k}={getattr(cfg, k)}" for k in differ)
+    for label, (folder, cfg, runs, teachers) in zip(labels, read, strict=True):
         for method in (m.strip() for m in cfg.method.split(",")):
             found.append(Setting(f"{method}, {label}" if label else method, method, folder, runs, teachers))
     return found
 
 
 def accuracy(s: Setting, cell: tuple[int, int], name: str) -> float:
-    """Verification accuracy (%) of setting ``s``'s student in ``cell`` on set ``name``."""
-    sets = s.runs[cell]["verification"]
+    """Accuracy (%) of setting ``s``'s student in ``cell`` on set ``name``: a verification set of a face run, or a
+    classification run's ``"<split> top-1"`` / ``"<split> top-5"``."""
+    sets = scores(s.runs[cell])
     if name not in sets:
-        raise ConfigError(f"{s.folder / 'scale{}_seed{}'.format(*cell)}: no verification set {name!r} "
-                          f"(it has {', '.join(sets)}); train with --set val_fraction=0.2 for a 'val' set")
+        raise ConfigError(f"{s.folder / 'scale{}_seed{}'.format(*cell)}: no set {name!r} (it has "
+                          f"{', '.join(sets)}); train with --set val_fraction=0.2 for a 'val' verification set")
     return 100 * sets[name][f"student {s.method} (LR)"]["accuracy"]
 
 
 def baseline_of(s: Setting, settings: list[Setting], baseline: str) -> Setting:
-    """The baseline Setting that ``s`` is paired with: its own folder's, else the first folder's."""
-    own = [b for b in settings if b.method == baseline and b.folder == s.folder]
+    """The baseline Setting that ``s`` is paired with: its own folder's, else (and for a baseline student) the first
+    folder's."""
+    own = [b for b in settings if b.method == baseline and b.folder == s.folder and s.method != baseline]
     first = [b for b in settings if b.method == baseline and b.folder == settings[0].folder]
     if not own and not first:
         raise ConfigError(f"no {baseline!r} student in {s.folder} or {settings[0].folder}; name the baseline's "

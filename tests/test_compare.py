@@ -35,17 +35,18 @@ def test_paired_statistics_by_hand():
     assert compare.signed(-0.0001) == "+0.00" and compare.signed(-1.5) == "-1.50"  # no "-0.00" in the tables
 
 
-def make_experiment(folder, method, accs, teachers, **keys):
-    """An experiment folder with cells (scale, seed) -> {method: (val %, held-out %)}, as askd.experiment writes
-    them: config.toml and results.json per cell."""
+def make_experiment(folder, method, accs, teachers, sets=("val", "held-out"), kind="verification", **keys):
+    """An experiment folder with cells (scale, seed) -> {method: (% on sets[0], % on sets[1])}, as askd.experiment
+    writes them: config.toml and results.json (``kind``: a face run's "verification", a classifier's "accuracy")
+    per cell."""
     for (scale, seed), per_method in accs.items():
         cell = folder / f"scale{scale}_seed{seed}"
         cell.mkdir(parents=True)
         cfg = Config(method=method, scale=scale, seed=seed, out=str(cell), teacher=teachers(seed), **keys)
         (cell / "config.toml").write_text(to_toml(cfg))
-        sets = {name: {f"student {m} (LR)": {"accuracy": a[i] / 100, "std": 0.01} for m, a in per_method.items()}
-                for i, name in enumerate(("val", "held-out"))}
-        (cell / "results.json").write_text(json.dumps({"verification": sets}))
+        scores = {name: {f"student {m} (LR)": {"accuracy": a[i] / 100, "std": 0.01} for m, a in per_method.items()}
+                  for i, name in enumerate(sets)}
+        (cell / "results.json").write_text(json.dumps({kind: scores}))
     (folder / "table.json").write_text("{}")  # the experiment finished
 
 
@@ -94,6 +95,29 @@ def compare_has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def test_classification_experiments(tmp_path):
+    teachers = lambda seed: str(tmp_path / "t.pt")  # noqa: E731
+    accs = {(4, k): {"base": (50 + k, 80), "askd+kd": (52 + 2 * k, 81)} for k in range(3)}
+    make_experiment(tmp_path / "cls", "base,askd+kd", accs, teachers, sets=("val top-1", "val top-5"), kind="accuracy")
+    t = compare.compare([tmp_path / "cls"], "base", "val top-5", "val top-1")
+    assert t["chosen"][0]["paired"]["diffs"] == pytest.approx([2.0, 3.0, 4.0])
+
+
+def test_a_later_folders_base_pairs_with_the_first_folders(study):
+    teachers = lambda seed: str(study / "main" / f"seed{seed}" / "teacher" / "checkpoint.pt")  # noqa: E731
+    make_experiment(study / "again", "base,askd", {(8, k): {"base": (80, 92 + k), "askd": (80, 90)} for k in range(3)},
+                    teachers)
+    t = compare.compare([study / "main", study / "again"], "base", "val", "held-out")
+    # the same config in two folders: the folder names tell the settings apart
+    assert [r["setting"] for r in t["settings"]] == ["base, folder main", "askd, folder main", "base, folder again",
+                                                     "askd, folder again"]
+    again_base, again_askd = t["settings"][2:]
+    assert again_base["baseline"] == "base, folder main"  # (92 + k) - (90 + k)
+    assert again_base["paired"]["held-out"]["diffs"] == pytest.approx([2.0] * 3)
+    assert again_askd["baseline"] == "base, folder again"  # 90 - (92 + k)
+    assert again_askd["paired"]["held-out"]["diffs"] == pytest.approx([-2.0, -3.0, -4.0])
+
+
 def test_an_unfinished_experiment_is_named(study, capsys):
     (study / "w20" / "table.json").unlink()
     compare.compare([study / "main", study / "w20"], "base", "val", "held-out")
@@ -110,7 +134,7 @@ def test_students_of_other_teachers_are_not_paired(study):
 @pytest.mark.parametrize("argv, says", [
     (["{study}/nowhere"], "no finished cells"),
     (["{study}/w20"], "no 'base' student"),
-    (["{study}/main", "--select", "lfw"], "no verification set 'lfw' (it has val, held-out)"),
+    (["{study}/main", "--select", "lfw"], "no set 'lfw' (it has val, held-out)"),
 ])
 def test_bad_input_is_one_line(study, capsys, argv, says):
     assert compare.main([a.replace("{study}", str(study)) for a in argv]) == 2

@@ -26,6 +26,7 @@ and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -77,14 +78,12 @@ def settings_of(folders: list[Path]) -> list[Setting]:
     read = [(folder, *read_folder(folder)) for folder in folders]
     configs = [vars(cfg) for _, cfg, _, _ in read]
     differ = [k for k in configs[0] if k not in PLACE_KEYS and len({repr(c[k]) for c in configs}) > 1]
-    labels = [", ".join(f"{k}={getattr(cfg, k)}" for k in differ) for _, cfg, _, _ in read]
-    if len(set(labels)) < len(labels):  # folders of the same settings (other seeds, say): their names tell them apart
-        names = [f"folder {folder.name}" for folder, *_ in read]
-        labels = [", ".join(filter(None, pair)) for pair in zip(labels, names, strict=True)]
     found = []
-    for label, (folder, cfg, runs, teachers) in zip(labels, read, strict=True):
-        for method in (m.strip() for m in cfg.method.split(",")):
-            found.append(Setting(f"{method}, {label}" if label else method, method, folder, runs, teachers))
+    for folder, cfg, runs, teachers in read:
+        label = "".join(f", {k}={getattr(cfg, k)}" for k in differ)
+        found += [Setting(m.strip() + label, m.strip(), folder, runs, teachers) for m in cfg.method.split(",")]
+    if len({s.name for s in found}) < len(found):  # folders of the same settings (other seeds, say)
+        found = [dataclasses.replace(s, name=f"{s.name}, folder {s.folder.name}") for s in found]
     return found
 
 
@@ -262,7 +261,10 @@ def draw(path: Path, t: dict) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(t["scales"]), figsize=(1 + 3.2 * len(t["scales"]), 4), squeeze=False, sharey=True)
+    most = max(sum(r["scale"] == scale for r in t["chosen"]) for scale in t["scales"])
+    panel = max(3.0, 1.6 * most)  # inches: room for each setting's label, one config key per line
+    fig, axes = plt.subplots(1, len(t["scales"]), figsize=(1 + panel * len(t["scales"]), 4.5), squeeze=False,
+                             sharey=True)
     for ax, scale in zip(axes[0], t["scales"], strict=True):
         rows = [r for r in t["chosen"] if r["scale"] == scale]
         for i, row in enumerate(rows):

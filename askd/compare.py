@@ -158,6 +158,9 @@ def pair_diffs(s: Setting, b: Setting, scale: int | None, name: str) -> list[flo
         if s.teachers[c] != b.teachers[c]:
             raise ConfigError(f"{s.name} and {b.name} at scale {c[0]}, seed {c[1]} distilled from different teachers "
                               f"({s.teachers[c]}, {b.teachers[c]}); run the later experiment with --teachers")
+    if not cells:
+        raise ConfigError(f"{s.name} and {b.name} have no seed in common at scale {scale}; run both with the same "
+                          f"--seeds and --scale")
     return [accuracy(s, c, name) - accuracy(b, c, name) for c in cells]
 
 
@@ -177,6 +180,8 @@ def compare(folders: list[Path], baseline: str, select: str, report: str) -> dic
     rows, chosen = [], []
     for scale in scales:
         here = [s for s in settings if any(c[0] == scale for c in s.runs)]
+        if not any(s.method == baseline for s in here):
+            raise ConfigError(f"no {baseline!r} student at scale {scale}: every scale needs one to pair with")
         best = {}  # per method, the setting with the highest mean on the selection set (the first of ties)
         for s in sorted(here, key=lambda s: -summary(s, scale, select)["mean"]):
             best.setdefault(s.method, s)

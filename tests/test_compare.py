@@ -131,6 +131,16 @@ def test_students_of_other_teachers_are_not_paired(study):
         compare.compare([study / "main", study / "alone"], "base", "val", "held-out")
 
 
+def test_a_scale_or_seeds_without_a_baseline_are_named(study):
+    teachers = lambda seed: str(study / "main" / f"seed{seed}" / "teacher" / "checkpoint.pt")  # noqa: E731
+    make_experiment(study / "x4", "askd", {(4, 0): {"askd": (1.0, 2.0)}}, teachers)
+    with pytest.raises(compare.ConfigError, match="no 'base' student at scale 4"):
+        compare.compare([study / "main", study / "x4"], "base", "val", "held-out")
+    make_experiment(study / "s9", "askd", {(8, 9): {"askd": (1.0, 2.0)}}, teachers)
+    with pytest.raises(compare.ConfigError, match="have no seed in common at scale 8"):
+        compare.compare([study / "main", study / "s9"], "base", "val", "held-out")
+
+
 @pytest.mark.parametrize("argv, says", [
     (["{study}/nowhere"], "no finished cells"),
     (["{study}/w20"], "no 'base' student"),

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .atomic import replacing
 from .config import Config, ConfigError, apply, load_toml
-from .experiment import resolution, scores
+from .experiment import resolution, scores, stats
 
 # keys that name where a run is or which cell it is, not its setting
 PLACE_KEYS = ("out", "teacher", "seed", "scale", "resume", "method", "phases")
@@ -165,10 +165,9 @@ def pair_diffs(s: Setting, b: Setting, scale: int | None, name: str) -> list[flo
 
 
 def summary(s: Setting, scale: int, name: str) -> dict:
-    """Mean and sample std (None for one seed) of ``s``'s accuracy on set ``name`` over the seeds of ``scale``."""
-    values = [accuracy(s, c, name) for c in s.runs if c[0] == scale]
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
+    """Mean, sample std (None for one seed) and values of ``s``'s accuracy on set ``name`` over the seeds of
+    ``scale`` (:func:`askd.experiment.stats`, as the experiment's own tables)."""
+    return stats([accuracy(s, c, name) for c in s.runs if c[0] == scale])
 
 
 def compare(folders: list[Path], baseline: str, select: str, report: str) -> dict:
@@ -251,7 +250,7 @@ def format_report(t: dict) -> str:
             ci = "" if p is None or p["ci"] is None else f" [{signed(p['ci'][0])}, {signed(p['ci'][1])}]"
             cells.append("-" if p is None else signed(p["mean"]) + ci)
         name = row["setting"] + (" *" if row["chosen"] else "")
-        lines.append(f"| {resolution(row['scale'])} | {name} | {row[sel]['n']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {resolution(row['scale'])} | {name} | {len(row[sel]['values'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

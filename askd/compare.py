@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .atomic import replacing
 from .config import Config, ConfigError, apply, load_toml
-from .experiment import resolution, scores, stats
+from .experiment import pyplot, resolution, save_png, scores, stats
 
 # keys that name where a run is or which cell it is, not its setting
 PLACE_KEYS = ("out", "teacher", "seed", "scale", "resume", "method", "phases")
@@ -257,14 +257,9 @@ def format_report(t: dict) -> str:
 def draw(path: Path, t: dict) -> None:
     """``path`` (PNG): per scale, each chosen setting's per-seed differences to the baseline on the report set,
     with the mean and its 95% CI; a printed note instead where matplotlib is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"askd.compare: matplotlib is not installed (pip install matplotlib): no {path.name}")
+    plt = pyplot("askd.compare", path)
+    if plt is None:
         return
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
     most = max(sum(r["scale"] == scale for r in t["chosen"]) for scale in t["scales"])
     panel = max(3.0, 1.6 * most)  # inches: room for each setting's label, one config key per line
     fig, axes = plt.subplots(1, len(t["scales"]), figsize=(1 + panel * len(t["scales"]), 4.5), squeeze=False,
@@ -281,9 +276,7 @@ def draw(path: Path, t: dict) -> None:
         ax.set_title(f"{resolution(scale)}: chosen on {t['select']}", fontsize="medium")
     axes[0][0].set_ylabel(f"{t['report']} accuracy − {t['baseline']} (points)")
     fig.tight_layout()
-    with replacing(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,14 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError) as e:
         print(f"askd.compare: error: {e}", file=sys.stderr)
         return 2
+    report = format_report(t)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         with replacing(args.out / "compare.json") as tmp:
             tmp.write_text(json.dumps(t, indent=2) + "\n")
         with replacing(args.out / "compare.md") as tmp:
-            tmp.write_text(format_report(t) + "\n")
+            tmp.write_text(report + "\n")
         draw(args.out / "paired.png", t)
-    print(format_report(t))
+    print(report)
     return 0
 
 

@@ -355,16 +355,35 @@ def format_table(t: dict) -> str:
     return "\n".join(lines)
 
 
-def draw_chart(path: Path, t: dict) -> None:
-    """``path`` (PNG): the students' accuracy per scale, bars with the std over seeds, one panel per verification
-    set; a printed note instead where matplotlib is missing."""
+def pyplot(prog: str, path: Path):
+    """matplotlib.pyplot on the file-only Agg backend, or None, with a note from ``prog`` that ``path`` is not drawn,
+    where the optional matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
-        print(f"askd.experiment: matplotlib is not installed (pip install matplotlib): no {path.name}")
-        return
+        print(f"{prog}: matplotlib is not installed (pip install matplotlib): no {path.name}")
+        return None
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: Path) -> None:
+    """Write matplotlib figure ``fig`` to ``path`` as a PNG in one piece (never half-written), then close it."""
+    import matplotlib.pyplot as plt  # loaded already: the figure came from it
+
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def draw_chart(path: Path, t: dict) -> None:
+    """``path`` (PNG): the students' accuracy per scale, bars with the std over seeds, one panel per verification
+    set; a printed note instead where matplotlib is missing."""
+    plt = pyplot("askd.experiment", path)
+    if plt is None:
+        return
 
     rows = [row for row in t["accuracy"] if row["model"].startswith("student ")]
     models, scales = list(dict.fromkeys(r["model"] for r in rows)), list(dict.fromkeys(r["scale"] for r in rows))
@@ -387,9 +406,7 @@ def draw_chart(path: Path, t: dict) -> None:
         ax.set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside, not over, the bars
     fig.tight_layout()
-    with replacing(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def tensorboard_writer() -> type | None:

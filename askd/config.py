@@ -104,6 +104,9 @@ class Config:
     # false runs the module as loaded. Checkpoints and evaluation always hold and use the unfolded model
     fold_teacher: bool = True
     fused: bool = False  # fused kernels (backend "auto") for CBAM and the loss where available
+    # on a CPU device, have glibc's malloc keep the memory a step frees for the next step instead of handing it
+    # back to the kernel (askd.hostmem: fewer page faults, a faster step; the process keeps its peak heap)
+    keep_freed_memory: bool = True
     seed: int = 0
     out: str = "runs/askd"  # run folder
     log_every: int = 10  # steps between metrics-log lines

@@ -3,7 +3,8 @@
 Each package is imported alone in a fresh interpreter, and the test checks which askd packages that loaded:
 never one of a higher layer, and never a sibling the layering keeps apart (the references in ``askd.ops``
 load the Triton kernels only by name, so the kernels must not import ``askd.ops`` either). The leaf modules
-(``askd.numerics``, ``askd.archs``, ``askd.atomic``, ``askd.config``, ``askd.distributed``) load no layer at all.
+(``askd.numerics``, ``askd.archs``, ``askd.atomic``, ``askd.config``, ``askd.distributed``, ``askd.hostmem``) load
+no layer at all.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ LAYERS = [
     ("askd.eval",),
     ("askd.train",),
 ]
-LEAVES = ("askd.numerics", "askd.archs", "askd.atomic", "askd.config", "askd.distributed")
+LEAVES = ("askd.numerics", "askd.archs", "askd.atomic", "askd.config", "askd.distributed", "askd.hostmem")
 # pairs in one layer that must not import each other, and what a layer must not load besides higher layers
 APART = {"askd.ops": {"askd.kernels"}, "askd.kernels": {"askd.ops"}}
 ALSO_FORBIDDEN = {"askd.data": {"askd._C", "askd._ext", "askd.backend"}}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from askd import models, runlock
+from askd import hostmem, models, runlock
 from askd.checkpoint import load, save_atomic
 from askd.config import Config
 from askd.train import main, teacher_forward
@@ -163,6 +163,16 @@ def test_autocast_and_channels_last_steps_stay_finite(tmp_path, amp):
     assert main([*fast, *student]) == 0
     rows = losses(tmp_path, "student_askd")
     assert set(rows) == {1, 2} and all(torch.isfinite(torch.tensor(v)) for v in rows.values())
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_cpu_run_keeps_freed_memory_unless_told_not_to(tmp_path, capsys, monkeypatch, keep):
+    calls = []
+    monkeypatch.setattr(hostmem, "keep_freed_memory", lambda: calls.append(1) or "malloc keeps freed memory (test)")
+    argv = [*SMALL, "--phases", "teacher", "--set", "max_steps=1", "--set", f"keep_freed_memory={str(keep).lower()}"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert len(calls) == keep
+    assert ("askd: malloc keeps freed memory (test)" in capsys.readouterr().out) == keep
 
 
 def test_corrupt_image_while_training(tmp_path, capsys):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .. import backend, distributed, runlock
+from .. import backend, distributed, hostmem, runlock
 from ..atomic import replacing
 from ..checkpoint import CheckpointError, load_model
 from ..config import Config, ConfigError, to_toml
@@ -123,6 +123,7 @@ def run(cfg: Config) -> dict:
         raise ConfigError(f"config key 'batch_size': the global batch {cfg.batch_size} does not split over "
                           f"{world.size} processes; use a multiple of {world.size}")
     world, device = distributed.setup(resolve_device(cfg.device))
+    malloc = hostmem.keep_freed_memory() if device.type == "cpu" and cfg.keep_freed_memory else None
     if world.restart and not cfg.resume:
         # torchrun restarted the group after a worker died: continue from the checkpoints the first attempt left
         cfg = dataclasses.replace(cfg, resume=True)
@@ -146,6 +147,8 @@ def run(cfg: Config) -> dict:
                       + (f"; restart {world.restart}, resuming" if world.restart else ""))
             if cfg.fused:
                 print("askd: --fused:", backend.describe_fallback(device))
+            if malloc:
+                print("askd:", malloc)
         return train_and_evaluate(cfg, data, teacher, device, world)
 
 

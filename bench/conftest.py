@@ -3,6 +3,8 @@
 CPU: B=32, float32; GPU: B=128, bfloat16 (the issue's sizes). Every timed function synchronises the device
 before it returns; inputs are built outside the timed part; warm-up (and compilation) happens first.
 ``profile_call`` adds, outside the timing, one profiled call: its peak memory and the ops its time goes to.
+On a CPU, malloc keeps freed memory as ``askd.train`` has it (:mod:`askd.hostmem`; machine_info["malloc"];
+``$ASKD_BENCH_MALLOC=default`` leaves glibc's default).
 The machine's roofs (:mod:`bench.roofs`) are measured once at the start of the session, before any benchmark,
 and saved in the JSON's machine_info (tiny sizes in a smoke run, ``--benchmark-disable``); at the end the
 terminal summary prints them and every timed benchmark's share of its roof (:func:`bench.report.roofline`).
@@ -19,7 +21,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from askd import _ext, backend
+from askd import _ext, backend, hostmem
 
 from . import roofs as roofline
 from .report import roofline_section
@@ -120,6 +122,21 @@ def _peak_bytes(events) -> int:
 ROOFS: dict = {}  # filled by the session fixture below, read by the machine_info hook at the end
 
 
+def set_malloc() -> str:
+    """On a CPU, malloc as ``askd.train`` sets it (:func:`askd.hostmem.keep_freed_memory`), so the steps and
+    kernels here run as they do there; ``$ASKD_BENCH_MALLOC=default`` leaves glibc's default, as a plain PyTorch
+    process has it."""
+    choice = os.environ.get("ASKD_BENCH_MALLOC", "keep")
+    if choice not in ("keep", "default"):
+        raise ValueError(f"ASKD_BENCH_MALLOC={choice!r}; expected keep or default")
+    if DEVICE != "cpu":
+        return "malloc as it is (CUDA device)"
+    return hostmem.keep_freed_memory() if choice == "keep" else "malloc as glibc's default"
+
+
+MALLOC = set_malloc()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def roofs(request) -> dict:
     """The machine's roofs, measured before the first benchmark of the session."""
@@ -131,14 +148,15 @@ def roofs(request) -> dict:
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["roofs"] = ROOFS
     machine_info["torch"] = torch.__version__
-    machine_info["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu: {_cpu_model()}"
+    machine_info["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu: {cpu_model()}"
     machine_info["threads"] = torch.get_num_threads()
+    machine_info["malloc"] = MALLOC
     machine_info["askd_ext"] = _ext.build_info() if _ext.load() is not None else f"unavailable: {_ext.error()}"
     machine_info["batch"], machine_info["dtype"] = BATCH, str(DTYPE)
-    machine_info["cpu_model"] = _cpu_model()
+    machine_info["cpu_model"] = cpu_model()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]

@@ -164,7 +164,8 @@ def report(path: Path, command: str) -> str:
     lines = [
         f"# askd benchmarks: {machine.get('device', '?')}",
         "",
-        f"- machine: {machine.get('cpu_model', '?')}; {machine.get('threads', '?')} torch threads",
+        f"- machine: {machine.get('cpu_model', '?')}; {machine.get('threads', '?')} torch threads"
+        + (f"; {machine['malloc']}" if "malloc" in machine else ""),
         f"- torch {machine.get('torch', '?')}; askd._C: {machine.get('askd_ext', '?')}",
         f"- batch {machine.get('batch', '?')}, {machine.get('dtype', '?')}; run {machine.get('datetime', '')}",
         f"- command: `{command}`",

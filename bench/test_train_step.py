@@ -58,29 +58,29 @@ AMP = amp_dtype()
 STEP_FLOPS = step_flops(ARCH, BATCH, CLASSES)
 
 
-def config(setup: str) -> Config:
+def config(setup: str, arch: str = ARCH, batch: int = BATCH, device: str = DEVICE) -> Config:
     """The ``askd.train`` config of one set-up: an A-SKD student at 8x (LR 14 px), the official variant."""
     fused, amp_cl, compiled, _ = SETUPS[setup]
     amp = "bf16" if amp_cl and AMP == torch.bfloat16 else "off"
-    return Config(arch=ARCH, batch_size=BATCH, method="askd", device=DEVICE, fused=fused, amp=amp,
+    return Config(arch=arch, batch_size=batch, method="askd", device=device, fused=fused, amp=amp,
                   channels_last=amp_cl, compile=compiled)
 
 
-def make_step(setup: str):
+def make_step(setup: str, arch: str = ARCH, batch: int = BATCH, classes: int = CLASSES, device: str = DEVICE):
     """One training step of ``setup`` as ``askd.train``'s loop runs it, as a callable without arguments."""
-    cfg, device = config(setup), torch.device(DEVICE)
-    teacher, teacher_head = freeze(*build_model(cfg, ARCH, CLASSES, device))
+    cfg, dev = config(setup, arch, batch, device), torch.device(device)
+    teacher, teacher_head = freeze(*build_model(cfg, arch, classes, dev))
     how = SETUPS[setup][3]
     teacher = teacher_forward(replace(cfg, compile=cfg.compile and how != "uncompiled",
                                       fold_teacher=how != "unfolded"), teacher)
-    phase = Phase("student", build("askd", cfg, CLASSES), ARCH, teacher, teacher_head)
-    trainer = Trainer.create(cfg, phase, CLASSES, 1000, device)
+    phase = Phase("student", build("askd", cfg, classes), arch, teacher, teacher_head)
+    trainer = Trainer.create(cfg, phase, classes, 1000, dev)
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (BATCH, 3, 112, 112), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, CLASSES, (BATCH,), generator=g).to(device)
+    images = torch.randint(0, 256, (batch, 3, 112, 112), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, classes, (batch,), generator=g).to(dev)
 
     def step():
-        hr = to_input(images, device, random_flips(BATCH, cfg.seed, trainer.step), cfg.channels_last)
+        hr = to_input(images, dev, random_flips(batch, cfg.seed, trainer.step), cfg.channels_last)
         trainer.train_step(hr, labels)
         sync()
 

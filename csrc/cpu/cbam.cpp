@@ -54,15 +54,6 @@ ASKD_INLINE bool takes_max(acc_t v, acc_t m) {
   return !(v <= m) & (m == m);
 }
 
-// Does the lane result (v, i) beat (m, mi) when lanes are merged out of index order? As takes_max, with ties
-// (equal numbers, or NaN against NaN) going to the smaller index.
-template <typename acc_t>
-ASKD_INLINE bool beats(acc_t v, int32_t i, acc_t m, int32_t mi) {
-  const bool v_nan = v != v, m_nan = m != m;
-  if (v_nan || m_nan) return v_nan && (!m_nan || i < mi);
-  return v > m || (v == m && i < mi);
-}
-
 // sum, max and first argmax of f(i) over i in [0, n), NaN winning as in torch.max. Lanes of kLanes independent
 // running (sum, max, arg) vectorise without reassociating anything; the first index among the lanes holding the
 // maximum (or a NaN) is then the first index overall, since each lane keeps its own first one. The tail runs in
@@ -88,12 +79,22 @@ ASKD_INLINE void sum_max_argmax(int64_t n, F f, acc_t* sum_out, acc_t* max_out, 
         la[l] = gt ? static_cast<int32_t>(i0 + l) : la[l];
       }
     }
-    arg = la[0];
-    m = lm[0];
+    for (int64_t l = 0; l < kLanes; ++l) s += ls[l];  // in lane order: the sum's rounding stays fixed
+    // The merge, branch-free (it runs once per pixel in channels_last spatial pooling, where a C of 64 makes
+    // only 4 lane steps and a merge lane by lane, unpredictable compares included, cost more than the scan):
+    // the winners are the NaN lanes if any, else the lanes equal to the largest; of those, the smallest index.
+    // Lane l only ever holds indices i with i % kLanes == l, so the index names its lane.
+    bool any_nan = false;
+    for (int64_t l = 0; l < kLanes; ++l) any_nan |= lm[l] != lm[l];
+    acc_t top = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t l = 0; l < kLanes; ++l) top = lm[l] > top ? lm[l] : top;
+    int32_t first = std::numeric_limits<int32_t>::max();
     for (int64_t l = 0; l < kLanes; ++l) {
-      s += ls[l];
-      if (beats(lm[l], la[l], m, arg)) m = lm[l], arg = la[l];
+      const bool wins = any_nan ? lm[l] != lm[l] : lm[l] == top;
+      first = wins && la[l] < first ? la[l] : first;
     }
+    arg = first;
+    m = lm[first % kLanes];
   }
   for (int64_t i = full; i < n; ++i) {
     const acc_t v = f(i);

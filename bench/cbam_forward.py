@@ -23,7 +23,7 @@ from .test_cbam import make
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.cbam_forward", description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args()

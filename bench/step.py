@@ -191,7 +191,7 @@ def report(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="ir50_cbam")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--classes", type=int, default=1000, help="classes of the ArcFace head")

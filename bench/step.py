@@ -2,7 +2,7 @@
 take alone.
 
     python -m bench.step [--arch ir50_cbam] [--batch 32] [--rounds 3] [--setups eager,fused_amp_cl]
-                         [--malloc keep|default] [--steps-only] [--out bench/results/NAME]
+                         [--malloc keep|default] [--steps-only] [--inference] [--out bench/results/NAME]
 
 What it measures, in one process and in this order:
 - the roofs (:func:`bench.roofs.measure`: the best large mm / channels_last 3x3 convolution, the copy bandwidth);
@@ -20,7 +20,8 @@ What it measures, in one process and in this order:
 
 ``--malloc keep`` (the default) first does what ``askd.train`` does on a CPU (:func:`askd.hostmem.keep_freed_memory`);
 ``--malloc default`` leaves glibc's malloc as it is, to measure that choice (one process each, alternated:
-the setting is per process). ``--steps-only`` times the steps and nothing else. ``--out NAME`` writes
+the setting is per process). ``--steps-only`` times the steps and nothing else; ``--inference`` times batches
+through a frozen model as ``askd.eval`` embeds them (:func:`inference_step`) instead. ``--out NAME`` writes
 NAME.json and NAME.md. Not part of ``pytest bench/``: an IR-50 step takes seconds to tens of seconds on a small CPU.
 """
 
@@ -150,6 +151,19 @@ def time_steps(steps: dict, rounds: int) -> dict:
                 "faults_per_step": statistics.median(faults[k])} for k in steps}  # fmt: skip
 
 
+def inference_step(arch: str, batch: int):
+    """One batch through a frozen ``arch`` as ``askd.eval`` embeds it: the model as loaded (NCHW, the default
+    backend), eval mode, ``torch.inference_mode()``; the HR side, 112 px."""
+    model = models.create(arch).eval()
+    x = torch.randn(batch, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        with torch.inference_mode():
+            model(x)
+
+    return step
+
+
 def report(result: dict) -> str:
     """The markdown of one run's result."""
     r, roof = result, result["roofs"]["float32"]["gflops"]
@@ -199,14 +213,19 @@ def main() -> None:
     p.add_argument("--setups", default="eager,fused_amp_cl", help="comma list of " + ", ".join(SETUPS))
     p.add_argument("--malloc", choices=("keep", "default"), default="keep")
     p.add_argument("--steps-only", action="store_true", help="time the steps only (no roofs, conv ceiling, profile)")
+    p.add_argument("--inference", action="store_true",
+                   help="time batches through a frozen model as askd.eval runs them instead (implies --steps-only)")
     p.add_argument("--out", help="write OUT.json and OUT.md")
     args = p.parse_args()
     setups = args.setups.split(",")
     if unknown := [s for s in setups if s not in SETUPS]:
         p.error(f"unknown set-up {', '.join(unknown)}; expected some of {', '.join(SETUPS)}")
     malloc = hostmem.keep_freed_memory() if args.malloc == "keep" else "malloc as glibc's default"
-    steps = {name: make_step(name, args.arch, args.batch, args.classes, "cpu") for name in setups}
-    if args.steps_only:
+    if args.inference:
+        steps = {"inference": inference_step(args.arch, args.batch)}
+    else:
+        steps = {name: make_step(name, args.arch, args.batch, args.classes, "cpu") for name in setups}
+    if args.steps_only or args.inference:
         for name, s in time_steps(steps, args.rounds).items():
             print(f"{args.arch} B={args.batch} {name}, {malloc}: median {s['median_s']:.2f} s/step; steps "
                   + ", ".join(f"{t:.2f}" for t in s["times_s"]) + f"; {s['faults_per_step']:,.0f} page faults/step")

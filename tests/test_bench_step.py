@@ -4,6 +4,7 @@ arithmetic (the timing itself is a benchmark, not a test)."""
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from bench import roofs, step
 
@@ -56,3 +57,20 @@ def test_report_states_each_step_against_the_roof_and_the_conv_ceiling():
     assert "| fused | 4.00 | 1.00 | 2.00x | 100.0 | 50% | 62% | 0 |" in text
     assert "| conv forward | 60.0% | 90.0% |" in text
     assert "| (64, 56, 56) | 64 -> 64 | 3/1 | 2 | 150 | 100 |" in text
+
+
+def test_inference_batches_run_a_frozen_model_without_autograd(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "__call__", _recording(torch.nn.Module.__call__, seen), raising=True)
+    step.inference_step("ir_tiny_cbam", batch=2)()
+    _, x, grad_mode, training = seen[0]
+    assert x.shape == (2, 3, 112, 112) and not grad_mode and not training
+
+
+def _recording(call, seen):
+    def wrapper(module, *args, **kwargs):
+        if not seen:
+            seen.append((module, args[0], torch.is_grad_enabled(), module.training))
+        return call(module, *args, **kwargs)
+
+    return wrapper

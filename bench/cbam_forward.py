@@ -11,14 +11,14 @@ down part-way slows both alike; it prints both medians and the ratio. Not part o
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import torch
 
 from askd import hostmem
 
 from .conftest import STAGES
+from .step import time_steps
 from .test_cbam import make
 
 
@@ -32,17 +32,9 @@ def main() -> None:
     for C, H in STAGES:
         x = torch.randn(args.batch, C, H, H).contiguous(memory_format=torch.channels_last)
         modules = {"compile": make("compile", C), "ext": make("ext", C)}
-        times = {k: [] for k in modules}
         with torch.no_grad():
-            for module in modules.values():
-                for _ in range(3):  # warm-up, compilation included
-                    module(x)
-            for _ in range(args.rounds):
-                for k, module in modules.items():
-                    start = time.perf_counter()
-                    module(x)
-                    times[k].append(time.perf_counter() - start)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            timed = time_steps({k: functools.partial(m, x) for k, m in modules.items()}, args.rounds, warmup=3)
+        med = {k: t["median_s"] * 1e3 for k, t in timed.items()}
         print(f"C={C} H=W={H}: compile {med['compile']:.2f} ms, ext {med['ext']:.2f} ms, "
               f"{med['compile'] / med['ext']:.2f}x compile", flush=True)  # fmt: skip
 

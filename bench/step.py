@@ -76,16 +76,6 @@ def conv_layers(arch: str, batch: int) -> collections.Counter:
     return counts
 
 
-def best(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def time_layer(shape: tuple, cin: int, cout: int, k: int, stride: int, pad: int) -> dict:
     """One conv layer (no bias) on a channels_last (B,C,H,W) input of ``shape``: its forward and its backward
     (input and weight gradients; the weight's alone for the stem, whose input is the image) timed alone."""
@@ -103,8 +93,8 @@ def time_layer(shape: tuple, cin: int, cout: int, k: int, stride: int, pad: int)
         conv.weight.grad = None
         conv(x).backward(grad)
 
-    fwd = best(forward)
-    bwd = best(forward_backward) - fwd
+    fwd = roofs.best_seconds(forward, 3)
+    bwd = roofs.best_seconds(forward_backward, 3) - fwd
     bwd_flops = flops * (2 if x.requires_grad else 1)
     return {"forward_s": fwd, "backward_s": bwd, "flops": flops, "backward_flops": bwd_flops,
             "forward_gflops": flops / fwd / 1e9, "backward_gflops": bwd_flops / bwd / 1e9}  # fmt: skip
@@ -136,10 +126,12 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def time_steps(steps: dict, rounds: int) -> dict:
-    """Interleaved rounds of every step: {set-up: {"median_s", "times_s", "faults_per_step"}}."""
+def time_steps(steps: dict, rounds: int, warmup: int = 1) -> dict:
+    """Interleaved rounds of every step after ``warmup`` calls of each (compilation, the first allocations):
+    {set-up: {"median_s", "times_s", "faults_per_step"}}."""
     for step in steps.values():
-        step()  # warm-up (and the first call's allocations)
+        for _ in range(warmup):
+            step()
     times, faults = {k: [] for k in steps}, {k: [] for k in steps}
     for _ in range(rounds):
         for name, step in steps.items():
